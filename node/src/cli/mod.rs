@@ -1,0 +1,57 @@
+//! The command line: one module per subcommand.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod keys;
+mod roster;
+mod table;
+
+/// drift: decentralized, secure live migration of virtual machines.
+#[derive(Debug, Parser)]
+#[command(name = "drift", version, about, long_about = None)]
+pub struct Cli {
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `drift=debug`.
+    #[arg(long, global = true, env = "DRIFT_LOG", default_value = "info")]
+    pub log: String,
+    /// Log as JSON lines.
+    #[arg(long, global = true)]
+    pub log_json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a new ed25519 key file (mode 0600) for a node or the cluster admin.
+    Keygen(keys::KeygenArgs),
+    /// Print the public id of a key file.
+    Id(keys::IdArgs),
+    /// Manage the admin-signed roster of cluster members.
+    #[command(subcommand)]
+    Roster(roster::RosterCommand),
+}
+
+/// Logs go to stderr, so command output on stdout stays scriptable.
+pub fn init_tracing(cli: &Cli) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cli.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Keygen(args) => keys::keygen(args),
+        Command::Id(args) => keys::id(args),
+        Command::Roster(cmd) => roster::run(cmd),
+    }
+}

@@ -1,0 +1,306 @@
+//! Key files and roster files.
+//!
+//! A key file is text: a comment line naming the public id, then the 32-byte seed in hex. It is
+//! created with mode 0600 and refused when group or others may read it, as ssh does.
+//!
+//! A roster has two forms: the **draft** (TOML, edited with `drift roster add|remove` or by
+//! hand, reviewed, kept under version control) and the **signed roster** (one codec frame
+//! holding a `Signed<Roster>`, made by `drift roster sign` with the admin key and distributed to
+//! every node).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use drift_protocol::codec::{encode_frame, FrameDecoder, MAX_FRAME_LEN};
+use drift_protocol::roster::{Capacity, Member, Role, Roster, RosterError};
+use drift_protocol::{DecodeError, KeyError, NodeId, SecretKey, Signed, Timestamp};
+use serde::{Deserialize, Serialize};
+
+use crate::durable::{write_atomic, Overwrite};
+
+/// What went wrong with a key or roster file.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+    #[error("{path} already exists (use --force to replace it)")]
+    Exists { path: PathBuf },
+    #[error(
+        "key file {path} is accessible by group or others (mode {mode:03o}); \
+         run `chmod 600 {path}`"
+    )]
+    Permissions { path: PathBuf, mode: u32 },
+    #[error("{path} does not hold a drift secret key: {source}")]
+    BadKey { path: PathBuf, source: KeyError },
+    #[error("{path} is not a roster draft: {reason}")]
+    BadDraft { path: PathBuf, reason: String },
+    #[error("{path} is not a signed roster: {source}")]
+    BadSignedRoster { path: PathBuf, source: DecodeError },
+    #[error("roster is invalid: {0}")]
+    Roster(#[from] RosterError),
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, FileError> {
+    fs::read(path).map_err(|source| FileError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn write(path: &Path, bytes: &[u8], mode: u32, overwrite: Overwrite) -> Result<(), FileError> {
+    write_atomic(path, bytes, mode, overwrite).map_err(|source| {
+        if source.kind() == io::ErrorKind::AlreadyExists {
+            FileError::Exists {
+                path: path.to_owned(),
+            }
+        } else {
+            FileError::Write {
+                path: path.to_owned(),
+                source,
+            }
+        }
+    })
+}
+
+/// Writes `key` to `path` with mode 0600.
+pub fn write_key(path: &Path, key: &SecretKey, overwrite: Overwrite) -> Result<(), FileError> {
+    let text = zeroize::Zeroizing::new(format!(
+        "# drift ed25519 secret key; public id {}\n{}\n",
+        key.public(),
+        key.to_hex().as_str()
+    ));
+    write(path, text.as_bytes(), 0o600, overwrite)
+}
+
+/// Reads a key file, refusing one that group or others can access.
+pub fn read_key(path: &Path) -> Result<SecretKey, FileError> {
+    let meta = fs::metadata(path).map_err(|source| FileError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(FileError::Permissions {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    let bytes = zeroize::Zeroizing::new(read(path)?);
+    let text = std::str::from_utf8(&bytes).map_err(|_| FileError::BadKey {
+        path: path.to_owned(),
+        source: KeyError::Hex,
+    })?;
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .unwrap_or("");
+    SecretKey::from_hex(line).map_err(|source| FileError::BadKey {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// One member in a roster draft.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DraftMember {
+    pub name: String,
+    pub id: NodeId,
+    #[serde(default = "default_roles")]
+    pub roles: Vec<String>,
+    #[serde(default)]
+    pub cpus: u32,
+    #[serde(default)]
+    pub mem_mib: u64,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn default_roles() -> Vec<String> {
+    vec!["host".into()]
+}
+
+/// The editable form of a roster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RosterDraft {
+    pub cluster: String,
+    #[serde(default, rename = "member")]
+    pub members: Vec<DraftMember>,
+}
+
+impl RosterDraft {
+    /// The roster this draft describes, at `epoch`, linked to `prev`, valid in the window.
+    pub fn to_roster(
+        &self,
+        epoch: u64,
+        prev: Option<drift_protocol::Hash>,
+        not_before: Timestamp,
+        not_after: Timestamp,
+    ) -> Result<Roster, FileError> {
+        let members = self
+            .members
+            .iter()
+            .map(|m| {
+                Ok(Member {
+                    id: m.id,
+                    name: m.name.clone(),
+                    roles: m
+                        .roles
+                        .iter()
+                        .map(|r| r.parse())
+                        .collect::<Result<Vec<Role>, _>>()?,
+                    labels: m.labels.clone(),
+                    capacity: Capacity {
+                        cpus: m.cpus,
+                        mem_mib: m.mem_mib,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>, RosterError>>()?;
+        let roster = Roster {
+            cluster: self.cluster.clone(),
+            epoch,
+            prev,
+            not_before,
+            not_after,
+            members,
+        };
+        roster.check()?;
+        Ok(roster)
+    }
+
+    /// The draft form of a signed roster's contents (to edit the next epoch from it).
+    pub fn from_roster(roster: &Roster) -> Self {
+        Self {
+            cluster: roster.cluster.clone(),
+            members: roster
+                .members
+                .iter()
+                .map(|m| DraftMember {
+                    name: m.name.clone(),
+                    id: m.id,
+                    roles: m.roles.iter().map(ToString::to_string).collect(),
+                    cpus: m.capacity.cpus,
+                    mem_mib: m.capacity.mem_mib,
+                    labels: m.labels.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Reads a roster draft.
+pub fn read_draft(path: &Path) -> Result<RosterDraft, FileError> {
+    let bytes = read(path)?;
+    let text = std::str::from_utf8(&bytes).map_err(|_| FileError::BadDraft {
+        path: path.to_owned(),
+        reason: "not UTF-8 text".into(),
+    })?;
+    toml::from_str(text).map_err(|e| FileError::BadDraft {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// Writes a roster draft (mode 0644: it holds nothing secret).
+pub fn write_draft(
+    path: &Path,
+    draft: &RosterDraft,
+    overwrite: Overwrite,
+) -> Result<(), FileError> {
+    let text = toml::to_string_pretty(draft).map_err(|e| FileError::BadDraft {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let text = format!(
+        "# drift roster draft: edit, then `drift roster sign` it with the admin key.\n{text}"
+    );
+    write(path, text.as_bytes(), 0o644, overwrite)
+}
+
+/// Reads a signed roster file (unverified: verify it against the admin key next).
+pub fn read_signed_roster(path: &Path) -> Result<Signed<Roster>, FileError> {
+    let bytes = read(path)?;
+    FrameDecoder::new(MAX_FRAME_LEN)
+        .decode_exact(&bytes)
+        .map_err(|source| FileError::BadSignedRoster {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// Writes a signed roster file.
+pub fn write_signed_roster(
+    path: &Path,
+    roster: &Signed<Roster>,
+    overwrite: Overwrite,
+) -> Result<(), FileError> {
+    write(path, &encode_frame(roster), 0o644, overwrite)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand_core::OsRng;
+
+    #[test]
+    fn key_files_are_private_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("node.key");
+        let key = SecretKey::generate(&mut OsRng);
+        write_key(&p, &key, Overwrite::Refuse).unwrap();
+        assert_eq!(read_key(&p).unwrap().public(), key.public());
+        assert!(matches!(
+            write_key(&p, &key, Overwrite::Refuse),
+            Err(FileError::Exists { .. })
+        ));
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        let err = read_key(&p).unwrap_err();
+        assert!(matches!(err, FileError::Permissions { mode: 0o644, .. }));
+        assert!(err.to_string().contains("chmod 600"));
+        let bad = dir.path().join("bad.key");
+        write(&bad, b"# nothing\nzz\n", 0o600, Overwrite::Refuse).unwrap();
+        assert!(matches!(read_key(&bad), Err(FileError::BadKey { .. })));
+        assert!(matches!(
+            read_key(&dir.path().join("missing")),
+            Err(FileError::Read { .. })
+        ));
+    }
+
+    #[test]
+    fn draft_round_trips_and_signs() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("roster.toml");
+        let id = SecretKey::generate(&mut OsRng).public();
+        let draft = RosterDraft {
+            cluster: "lab".into(),
+            members: vec![DraftMember {
+                name: "n1".into(),
+                id,
+                roles: vec!["host".into()],
+                cpus: 4,
+                mem_mib: 8192,
+                labels: BTreeMap::from([("region".into(), "eu".into())]),
+            }],
+        };
+        write_draft(&p, &draft, Overwrite::Refuse).unwrap();
+        assert_eq!(read_draft(&p).unwrap(), draft);
+        let roster = draft
+            .to_roster(1, None, Timestamp(0), Timestamp(10))
+            .unwrap();
+        assert_eq!(RosterDraft::from_roster(&roster), draft);
+        let mut bad = draft;
+        bad.members[0].roles = vec!["king".into()];
+        assert!(matches!(
+            bad.to_roster(1, None, Timestamp(0), Timestamp(10)),
+            Err(FileError::Roster(RosterError::UnknownRole(_)))
+        ));
+    }
+}

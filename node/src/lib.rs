@@ -1,0 +1,16 @@
+//! # drift-node
+//!
+//! The `drift` binary: the daemon that runs on every hypervisor host, and the command-line
+//! tools that manage keys and rosters and talk to a running daemon.
+//!
+//! ## Layout
+//!
+//! - [`cli`]: one module per subcommand; parses arguments and prints results.
+//! - [`identity`]: key files (created 0600, refused when readable by others) and roster files
+//!   (the editable draft and the admin-signed roster).
+//! - [`durable`]: atomic, durable file writes (temp file, fsync, rename, fsync directory), so a
+//!   crash never leaves a half-written key, roster or state file.
+
+pub mod cli;
+pub mod durable;
+pub mod identity;

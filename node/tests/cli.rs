@@ -1,0 +1,45 @@
+//! The binary's basic contract: help, version, usage errors, keygen refusing to overwrite.
+
+use std::process::Command;
+
+fn drift() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_drift"))
+}
+
+#[test]
+fn help_lists_commands_and_usage_errors_exit_2() {
+    let out = drift().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["keygen", "id", "roster"] {
+        assert!(help.contains(cmd), "help lacks {cmd}: {help}");
+    }
+    let out = drift().arg("no-such-command").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn keygen_refuses_to_overwrite_without_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    let first = drift()
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(first.status.success());
+    let again = drift()
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    let forced = drift()
+        .args(["keygen", "--force", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(forced.status.success());
+    assert_ne!(first.stdout, forced.stdout, "--force must make a new key");
+}

@@ -1,0 +1,56 @@
+//! # drift-protocol
+//!
+//! Everything of drift that crosses the wire or is signed, and nothing that touches a socket,
+//! a file or a clock. Callers pass time (`now`) and state (last seen sequence numbers, the
+//! current roster) in explicitly, so every function here is deterministic and testable.
+//!
+//! ## Layout
+//!
+//! - [`ids`]: [`NodeId`] (an ed25519 public key), [`VmId`], [`MigrationId`], [`Hash`].
+//! - [`keys`]: [`SecretKey`] (zeroized on drop, redacted in `Debug`) and [`Signature`].
+//! - [`signed`]: [`Signed<T>`], the one envelope for every signed object, with a domain tag per
+//!   type and protocol version.
+//! - [`codec`]: length-delimited, versioned frames with a hard size limit checked before any
+//!   allocation; postcard payloads that must be consumed exactly.
+//! - [`report`]: [`LoadReport`] and its validation ([`report::validate`]).
+//! - [`roster`]: the admin-signed [`Roster`] of members, its validation and its epoch chain.
+//! - [`migration`]: [`MigrationOffer`] and [`MigrationDecision`], bound by the offer's hash.
+//! - [`transfer`]: the frames of a live-migration stream and the blake3 memory root.
+//! - [`audit`]: [`AuditRecord`], a signed, hash-chained log entry, and the chain verifier.
+//!
+//! ## Wire rules
+//!
+//! - Every frame starts with a 4-byte big-endian length and a 1-byte protocol version
+//!   ([`PROTOCOL_VERSION`]; `0` is never valid).
+//! - A signature covers `len(tag) || tag || bytes`, where `tag` names the type and protocol
+//!   version (see [`signed::Signable::DOMAIN`]), so a signature made for one type never verifies
+//!   as another.
+//! - Verification is strict (`verify_strict`: no small-order keys, no malleable signatures),
+//!   then the signer's authority is checked against the roster, then the semantics.
+
+#![forbid(unsafe_code)]
+
+pub mod audit;
+pub mod codec;
+pub mod ids;
+pub mod keys;
+pub mod migration;
+pub mod report;
+pub mod roster;
+pub mod signed;
+pub mod time;
+pub mod transfer;
+
+pub use audit::{AuditEvent, AuditRecord};
+pub use codec::{DecodeError, FrameDecoder, MAX_FRAME_LEN};
+pub use ids::{Hash, IdParseError, MigrationId, NodeId, VmId};
+pub use keys::{KeyError, SecretKey, Signature};
+pub use migration::{MigrationDecision, MigrationOffer, Mode, Placement, VmSummary};
+pub use report::LoadReport;
+pub use roster::{Member, Role, Roster};
+pub use signed::{Signable, Signed, VerifyError};
+pub use time::Timestamp;
+pub use transfer::TransferFrame;
+
+/// The protocol version carried on every frame. Version `0` is reserved as invalid.
+pub const PROTOCOL_VERSION: u8 = 1;

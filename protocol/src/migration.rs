@@ -1,0 +1,445 @@
+//! Negotiating a migration: a signed offer from the source, a signed decision from the target.
+//!
+//! ```mermaid
+//! sequenceDiagram
+//!     participant S as source
+//!     participant T as target
+//!     S->>T: Signed<MigrationOffer> {id, vm, mode, nonce, expires_at}
+//!     Note over T: validate_offer: member, addressed to me, fresh, placement, admission
+//!     T->>S: Signed<MigrationDecision> {id, offer = hash(offer), Accept | Reject(reason)}
+//!     Note over S,T: on Accept, S opens the transfer stream (see transfer)
+//! ```
+//!
+//! The decision names the offer by hash, so it cannot be replayed against another offer; the
+//! offer's random id and nonce and its expiry make it single-use (the target keeps the ids it
+//! has seen until they expire).
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{Hash, MigrationId, NodeId, VmId};
+use crate::roster::{valid_name, Member, Role, Roster};
+use crate::signed::{Signable, Signed};
+use crate::time::Timestamp;
+
+/// Offers may live at most this long.
+pub const MAX_OFFER_TTL_MS: u64 = 60_000;
+/// At most this many entries in each placement list.
+pub const MAX_PLACEMENT_ENTRIES: usize = 16;
+
+/// How memory moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub enum Mode {
+    /// Rounds of copying while the VM runs, then a short stop-and-copy. The default.
+    #[default]
+    PreCopy,
+    /// Switch over at once; the target pulls pages on demand while the source pushes the rest.
+    PostCopy,
+    /// Pre-copy rounds, then post-copy for what is left.
+    Hybrid,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "precopy" | "pre-copy" => Ok(Mode::PreCopy),
+            "postcopy" | "post-copy" => Ok(Mode::PostCopy),
+            "hybrid" => Ok(Mode::Hybrid),
+            other => Err(format!(
+                "unknown mode {other:?} (expected precopy, postcopy or hybrid)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::PreCopy => "precopy",
+            Mode::PostCopy => "postcopy",
+            Mode::Hybrid => "hybrid",
+        })
+    }
+}
+
+/// Where a VM may run. Empty lists mean "anywhere".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Placement {
+    /// Jurisdictions (roster label `jurisdiction`) the VM may run in.
+    pub jurisdictions: Vec<String>,
+    /// Regions (roster label `region`) the VM may run in.
+    pub regions: Vec<String>,
+    /// VMs of the same anti-affinity group never share a host.
+    pub anti_affinity: Option<String>,
+}
+
+/// Why a host may not take a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum PlacementViolation {
+    #[error("host jurisdiction {host:?} is not among the allowed {allowed:?}")]
+    Jurisdiction {
+        host: Option<String>,
+        allowed: Vec<String>,
+    },
+    #[error("host region {host:?} is not among the allowed {allowed:?}")]
+    Region {
+        host: Option<String>,
+        allowed: Vec<String>,
+    },
+    #[error("host already runs a VM of anti-affinity group {0:?}")]
+    AntiAffinity(String),
+    #[error("host is not a roster member with the host role")]
+    NotAHost,
+}
+
+impl Placement {
+    /// Checks the roster-attested labels of `host`; `host_groups` are the anti-affinity groups
+    /// of the VMs already on (or reserved for) that host. A host without a label never
+    /// satisfies a constraint on that label.
+    pub fn allows<'a>(
+        &self,
+        host: &Member,
+        mut host_groups: impl Iterator<Item = &'a str>,
+    ) -> Result<(), PlacementViolation> {
+        if !host.has_role(Role::Host) {
+            return Err(PlacementViolation::NotAHost);
+        }
+        if !self.jurisdictions.is_empty()
+            && !host
+                .jurisdiction()
+                .is_some_and(|j| self.jurisdictions.iter().any(|a| a == j))
+        {
+            return Err(PlacementViolation::Jurisdiction {
+                host: host.jurisdiction().map(str::to_string),
+                allowed: self.jurisdictions.clone(),
+            });
+        }
+        if !self.regions.is_empty()
+            && !host
+                .region()
+                .is_some_and(|r| self.regions.iter().any(|a| a == r))
+        {
+            return Err(PlacementViolation::Region {
+                host: host.region().map(str::to_string),
+                allowed: self.regions.clone(),
+            });
+        }
+        if let Some(group) = &self.anti_affinity {
+            if host_groups.any(|g| g == group) {
+                return Err(PlacementViolation::AntiAffinity(group.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    fn well_formed(&self) -> bool {
+        self.jurisdictions.len() <= MAX_PLACEMENT_ENTRIES
+            && self.regions.len() <= MAX_PLACEMENT_ENTRIES
+            && self.jurisdictions.iter().all(|s| valid_name(s))
+            && self.regions.iter().all(|s| valid_name(s))
+            && self.anti_affinity.as_deref().is_none_or(valid_name)
+    }
+}
+
+/// What the target needs to know about the VM to decide.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSummary {
+    pub id: VmId,
+    pub name: String,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+    /// CPU demand, permille of the source host's capacity.
+    pub demand_permille: u32,
+    pub placement: Placement,
+}
+
+/// A source's signed proposal to move one VM to one target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationOffer {
+    pub id: MigrationId,
+    pub source: NodeId,
+    pub target: NodeId,
+    pub vm: VmSummary,
+    pub mode: Mode,
+    /// Random; with `id` makes every offer unique.
+    pub nonce: [u8; 16],
+    pub issued_at: Timestamp,
+    pub expires_at: Timestamp,
+    pub roster_epoch: u64,
+}
+
+impl Signable for MigrationOffer {
+    const DOMAIN: &'static str = "drift/migration-offer/v1";
+}
+
+/// Why a target refuses an offer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum RejectReason {
+    #[error("offer is malformed or its signature does not verify")]
+    BadOffer,
+    #[error("source is not a roster member with the host role")]
+    NotAMember,
+    #[error("offer is addressed to another node")]
+    NotForMe,
+    #[error("offer was signed by someone other than its source")]
+    WrongSigner,
+    #[error("offer has expired or is not valid yet")]
+    Expired,
+    #[error("offer was seen before")]
+    Replayed,
+    #[error("offer is for roster epoch {offer}, this node is at {mine}")]
+    EpochMismatch { offer: u64, mine: u64 },
+    #[error("placement: {0}")]
+    Placement(#[from] PlacementViolation),
+    #[error("too many migrations in progress")]
+    Busy,
+    #[error("too many offers from this source; try later")]
+    RateLimited,
+    #[error("not enough capacity")]
+    NoCapacity,
+    #[error("VM is already here")]
+    AlreadyHere,
+}
+
+impl RejectReason {
+    /// A stable, short label for counters, the API and the audit log.
+    pub fn label(&self) -> &'static str {
+        match self {
+            RejectReason::BadOffer => "bad_offer",
+            RejectReason::NotAMember => "not_a_member",
+            RejectReason::NotForMe => "not_for_me",
+            RejectReason::WrongSigner => "wrong_signer",
+            RejectReason::Expired => "expired",
+            RejectReason::Replayed => "replayed",
+            RejectReason::EpochMismatch { .. } => "epoch_mismatch",
+            RejectReason::Placement(_) => "placement",
+            RejectReason::Busy => "busy",
+            RejectReason::RateLimited => "rate_limited",
+            RejectReason::NoCapacity => "no_capacity",
+            RejectReason::AlreadyHere => "already_here",
+        }
+    }
+}
+
+/// The target's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Verdict {
+    /// Capacity is reserved until `reserved_until`; the transfer must start before then.
+    Accept {
+        reserved_until: Timestamp,
+    },
+    Reject(RejectReason),
+}
+
+/// The target's signed decision on one offer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationDecision {
+    pub id: MigrationId,
+    /// Hash of the `Signed<MigrationOffer>` this answers.
+    pub offer: Hash,
+    pub source: NodeId,
+    pub target: NodeId,
+    pub verdict: Verdict,
+    pub issued_at: Timestamp,
+}
+
+impl Signable for MigrationDecision {
+    const DOMAIN: &'static str = "drift/migration-decision/v1";
+}
+
+/// What the target checks on an offer before admission control (which needs the node's live
+/// state): signature, signer = source, roster membership and roles, addressing, epoch, time,
+/// bounds and placement against the target's own roster entry. Replay is checked by the
+/// caller's cache of seen ids.
+pub fn validate_offer(
+    signed: &Signed<MigrationOffer>,
+    me: &NodeId,
+    roster: &Roster,
+    now: Timestamp,
+) -> Result<MigrationOffer, RejectReason> {
+    let offer = signed.verify().map_err(|_| RejectReason::BadOffer)?;
+    if signed.signer() != &offer.source {
+        return Err(RejectReason::WrongSigner);
+    }
+    if !roster
+        .member(&offer.source)
+        .is_some_and(|m| m.has_role(Role::Host))
+    {
+        return Err(RejectReason::NotAMember);
+    }
+    if &offer.target != me {
+        return Err(RejectReason::NotForMe);
+    }
+    if offer.source == offer.target {
+        return Err(RejectReason::BadOffer);
+    }
+    if offer.roster_epoch != roster.epoch {
+        return Err(RejectReason::EpochMismatch {
+            offer: offer.roster_epoch,
+            mine: roster.epoch,
+        });
+    }
+    if now >= offer.expires_at
+        || offer.expires_at.millis_since(offer.issued_at) > MAX_OFFER_TTL_MS
+        || offer.issued_at > now.plus_millis(MAX_OFFER_TTL_MS)
+    {
+        return Err(RejectReason::Expired);
+    }
+    if !valid_name(&offer.vm.name) || !offer.vm.placement.well_formed() {
+        return Err(RejectReason::BadOffer);
+    }
+    let host = roster.member(me).ok_or(RejectReason::NotAMember)?;
+    offer.vm.placement.allows(host, std::iter::empty())?;
+    Ok(offer)
+}
+
+/// What the source checks on a decision: signed by the offer's target, for this offer.
+pub fn validate_decision(
+    signed: &Signed<MigrationDecision>,
+    offer: &Signed<MigrationOffer>,
+    offer_value: &MigrationOffer,
+) -> Result<MigrationDecision, RejectReason> {
+    let decision = signed
+        .verify_by(&offer_value.target)
+        .map_err(|_| RejectReason::BadOffer)?;
+    if decision.offer != offer.hash()
+        || decision.id != offer_value.id
+        || decision.source != offer_value.source
+        || decision.target != offer_value.target
+    {
+        return Err(RejectReason::BadOffer);
+    }
+    Ok(decision)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::SecretKey;
+    use crate::roster::Capacity;
+    use rand::SeedableRng;
+    use std::collections::BTreeMap;
+
+    fn host(id: NodeId, name: &str, jurisdiction: &str) -> Member {
+        Member {
+            id,
+            name: name.into(),
+            roles: vec![Role::Host],
+            labels: BTreeMap::from([("jurisdiction".into(), jurisdiction.into())]),
+            capacity: Capacity::default(),
+        }
+    }
+
+    #[test]
+    fn offer_checks_and_decision_binding() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        let src = SecretKey::generate(&mut rng);
+        let dst = SecretKey::generate(&mut rng);
+        let eve = SecretKey::generate(&mut rng);
+        let roster = Roster {
+            cluster: "c".into(),
+            epoch: 3,
+            prev: Some(Hash::ZERO),
+            not_before: Timestamp(0),
+            not_after: Timestamp(u64::MAX),
+            members: vec![
+                host(src.public(), "src", "de"),
+                host(dst.public(), "dst", "fr"),
+            ],
+        };
+        let offer = MigrationOffer {
+            id: MigrationId::random(&mut rng),
+            source: src.public(),
+            target: dst.public(),
+            vm: VmSummary {
+                id: VmId::random(&mut rng),
+                name: "web-1".into(),
+                memory_mib: 512,
+                vcpus: 1,
+                demand_permille: 100,
+                placement: Placement::default(),
+            },
+            mode: Mode::PreCopy,
+            nonce: [1; 16],
+            issued_at: Timestamp(1000),
+            expires_at: Timestamp(11_000),
+            roster_epoch: 3,
+        };
+        let signed = Signed::sign(&offer, &src);
+        let now = Timestamp(2000);
+        assert_eq!(
+            validate_offer(&signed, &dst.public(), &roster, now),
+            Ok(offer.clone())
+        );
+        assert_eq!(
+            validate_offer(&signed, &src.public(), &roster, now),
+            Err(RejectReason::NotForMe)
+        );
+        assert_eq!(
+            validate_offer(&signed, &dst.public(), &roster, Timestamp(11_000)),
+            Err(RejectReason::Expired)
+        );
+        let by_eve = Signed::sign(&offer, &eve);
+        assert_eq!(
+            validate_offer(&by_eve, &dst.public(), &roster, now),
+            Err(RejectReason::WrongSigner)
+        );
+        let mut de_only = offer.clone();
+        de_only.vm.placement.jurisdictions = vec!["de".into()];
+        assert!(matches!(
+            validate_offer(&Signed::sign(&de_only, &src), &dst.public(), &roster, now),
+            Err(RejectReason::Placement(
+                PlacementViolation::Jurisdiction { .. }
+            ))
+        ));
+        let mut old_epoch = offer.clone();
+        old_epoch.roster_epoch = 2;
+        assert_eq!(
+            validate_offer(&Signed::sign(&old_epoch, &src), &dst.public(), &roster, now),
+            Err(RejectReason::EpochMismatch { offer: 2, mine: 3 })
+        );
+
+        let decision = MigrationDecision {
+            id: offer.id,
+            offer: signed.hash(),
+            source: src.public(),
+            target: dst.public(),
+            verdict: Verdict::Accept {
+                reserved_until: Timestamp(20_000),
+            },
+            issued_at: now,
+        };
+        let d = Signed::sign(&decision, &dst);
+        assert_eq!(validate_decision(&d, &signed, &offer), Ok(decision.clone()));
+        assert_eq!(
+            validate_decision(&Signed::sign(&decision, &eve), &signed, &offer),
+            Err(RejectReason::BadOffer)
+        );
+        let other_offer = Signed::sign(&de_only, &src);
+        assert_eq!(
+            validate_decision(&d, &other_offer, &de_only),
+            Err(RejectReason::BadOffer)
+        );
+    }
+
+    #[test]
+    fn anti_affinity_and_unlabelled_hosts() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+        let mut m = host(SecretKey::generate(&mut rng).public(), "h", "de");
+        let p = Placement {
+            jurisdictions: vec![],
+            regions: vec!["eu-west".into()],
+            anti_affinity: Some("db".into()),
+        };
+        assert!(matches!(
+            p.allows(&m, std::iter::empty()),
+            Err(PlacementViolation::Region { host: None, .. })
+        ));
+        m.labels.insert("region".into(), "eu-west".into());
+        assert_eq!(p.allows(&m, ["web"].into_iter()), Ok(()));
+        assert_eq!(
+            p.allows(&m, ["web", "db"].into_iter()),
+            Err(PlacementViolation::AntiAffinity("db".into()))
+        );
+    }
+}
