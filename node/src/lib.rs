@@ -12,5 +12,14 @@
 //!   crash never leaves a half-written key, roster or state file.
 
 pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod durable;
 pub mod identity;
+pub mod mesh;
+pub mod monitor;
+pub mod state;
+pub mod table;
+pub mod testnet;

@@ -47,7 +47,7 @@ pub use ids::{Hash, IdParseError, MigrationId, NodeId, VmId};
 pub use keys::{KeyError, SecretKey, Signature};
 pub use migration::{MigrationDecision, MigrationOffer, Mode, Placement, VmSummary};
 pub use report::LoadReport;
-pub use roster::{Member, Role, Roster};
+pub use roster::{Announcement, Member, Role, Roster};
 pub use signed::{Signable, Signed, VerifyError};
 pub use time::Timestamp;
 pub use transfer::TransferFrame;

@@ -366,6 +366,48 @@ mod tests {
     }
 
     #[test]
+    fn advance_walks_a_chain_and_stops_at_a_bad_link() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(15);
+        let admin = SecretKey::generate(&mut rng);
+        let mut chain = vec![];
+        let mut r = roster(&mut rng);
+        let mut prev: Option<Signed<Roster>> = None;
+        for epoch in 1..=4 {
+            r.epoch = epoch;
+            r.prev = prev.as_ref().map(|p| p.hash());
+            let s = Signed::sign(&r, &admin);
+            chain.push((s.clone(), r.clone()));
+            prev = Some(s);
+        }
+        let signed: Vec<_> = chain.iter().map(|(s, _)| s.clone()).collect();
+        let now = Timestamp(2000);
+        let (s1, r1) = &chain[0];
+        let (head, head_roster) = advance(s1, r1, &signed, &admin.public(), now)
+            .unwrap()
+            .unwrap();
+        assert_eq!((head, head_roster.epoch), (signed[3].clone(), 4));
+        assert_eq!(
+            advance(&signed[3], &chain[3].1, &signed, &admin.public(), now),
+            Ok(None)
+        );
+        // A gap (epoch 2 missing) cannot be crossed.
+        let gap = vec![signed[2].clone(), signed[3].clone()];
+        assert!(matches!(
+            advance(s1, r1, &gap, &admin.public(), now),
+            Err(RosterError::NotNext { current: 1, got: 3 })
+        ));
+        // A roster signed by someone else is refused.
+        let eve = SecretKey::generate(&mut rng);
+        let mut forged = chain[1].1.clone();
+        forged.members.clear();
+        let forged = vec![Signed::sign(&forged, &eve)];
+        assert!(matches!(
+            advance(s1, r1, &forged, &admin.public(), now),
+            Err(RosterError::Signature(_))
+        ));
+    }
+
+    #[test]
     fn successor_must_link_to_current() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(10);
         let admin = SecretKey::generate(&mut rng);
@@ -412,4 +454,43 @@ mod tests {
             Err(RosterError::WrongCluster { .. })
         ));
     }
+}
+
+/// How many consecutive epochs a roster announcement carries at most.
+pub const MAX_ANNOUNCED_EPOCHS: usize = 8;
+
+/// What nodes gossip about membership: the newest signed rosters they hold, oldest first, in
+/// consecutive epochs, so a node a few epochs behind can walk the chain forward.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Announcement {
+    pub chain: Vec<Signed<Roster>>,
+}
+
+/// Walks `chain` forward from `current` and returns the newest roster that links to it through
+/// verified successors (`None` when nothing in `chain` is newer). Entries at or below the
+/// current epoch are skipped; the first entry that should link but does not is an error.
+pub fn advance(
+    current: &Signed<Roster>,
+    current_roster: &Roster,
+    chain: &[Signed<Roster>],
+    admin: &NodeId,
+    now: Timestamp,
+) -> Result<Option<(Signed<Roster>, Roster)>, RosterError> {
+    let mut head: Option<(Signed<Roster>, Roster)> = None;
+    for next in chain.iter().take(MAX_ANNOUNCED_EPOCHS) {
+        let (cur_signed, cur_roster) = match &head {
+            Some((s, r)) => (s, r),
+            None => (current, current_roster),
+        };
+        // Cheap skip of epochs already held, without verifying them.
+        let Ok(candidate) = crate::codec::decode_payload::<Roster>(next.payload()) else {
+            return Err(RosterError::Signature(VerifyError::BadSignature));
+        };
+        if candidate.epoch <= cur_roster.epoch {
+            continue;
+        }
+        let roster = verify_successor(cur_signed, cur_roster, next, admin, now)?;
+        head = Some((next.clone(), roster));
+    }
+    Ok(head)
 }

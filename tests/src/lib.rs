@@ -63,3 +63,203 @@ pub fn wait_until<T>(
         std::thread::sleep(every);
     }
 }
+
+pub use cluster::{Cluster, NodeProc};
+
+/// Real `drift run` processes on loopback, started from a generated testnet directory.
+pub mod cluster {
+    use std::fs;
+    use std::path::PathBuf;
+    use std::process::{Child, Command, Stdio};
+    use std::time::Duration;
+
+    use drift_node::control::{client, StatusView, TableView};
+    use drift_node::testnet::{self, TestnetNode};
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+
+    use super::{drift_bin, wait_until};
+
+    /// One `drift run` process.
+    #[derive(Debug)]
+    pub struct NodeProc {
+        pub node: TestnetNode,
+        child: Option<Child>,
+    }
+
+    impl NodeProc {
+        /// Starts the process (logs to `drift.log` in the node's directory).
+        pub fn start(&mut self) {
+            assert!(self.child.is_none(), "{} already running", self.node.name);
+            let log = fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.node.dir.join("drift.log"))
+                .expect("open log");
+            let child = Command::new(drift_bin())
+                .arg("run")
+                .arg("--config")
+                .arg(&self.node.config)
+                .env("DRIFT_LOG", "info,libp2p=warn")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("clone log"))
+                .stderr(log)
+                .spawn()
+                .expect("spawn drift run");
+            self.child = Some(child);
+        }
+
+        /// kill -9.
+        pub fn kill9(&mut self) {
+            if let Some(mut c) = self.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+
+        /// SIGTERM and wait; returns whether it exited cleanly within `timeout`.
+        pub fn terminate(&mut self, timeout: Duration) -> bool {
+            let Some(mut c) = self.child.take() else {
+                return false;
+            };
+            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+            let status = wait_until(timeout, Duration::from_millis(50), || {
+                c.try_wait().ok().flatten()
+            });
+            match status {
+                Some(s) => s.success(),
+                None => {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    false
+                }
+            }
+        }
+
+        /// Whether the process is still running.
+        pub fn running(&mut self) -> bool {
+            self.child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        }
+
+        /// The last lines of the node's log, for failure messages.
+        pub fn log_tail(&self) -> String {
+            let text = fs::read_to_string(self.node.dir.join("drift.log")).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(15)..].join("\n")
+        }
+    }
+
+    /// A testnet of processes; every process is killed when this is dropped, even on failure.
+    #[derive(Debug)]
+    pub struct Cluster {
+        pub dir: tempfile::TempDir,
+        pub nodes: Vec<NodeProc>,
+        rt: tokio::runtime::Runtime,
+    }
+
+    impl Drop for Cluster {
+        fn drop(&mut self) {
+            for n in &mut self.nodes {
+                n.kill9();
+            }
+        }
+    }
+
+    impl Cluster {
+        /// Generates a testnet of `n` nodes reporting every `interval` (suspect after 5
+        /// intervals, gone after 15) and starts them all.
+        pub fn start(n: usize, interval: Duration) -> Self {
+            let mut c = Self::generate(n, interval);
+            for node in &mut c.nodes {
+                node.start();
+            }
+            c
+        }
+
+        /// Generates the testnet directory without starting anything.
+        pub fn generate(n: usize, interval: Duration) -> Self {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let nodes = testnet::generate(dir.path(), n, 0, interval)
+                .expect("generate testnet")
+                .into_iter()
+                .map(|node| NodeProc { node, child: None })
+                .collect();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            Self { dir, nodes, rt }
+        }
+
+        /// The testnet directory.
+        pub fn path(&self) -> PathBuf {
+            self.dir.path().to_owned()
+        }
+
+        /// `GET /v1/table` of node `i`.
+        pub fn table(&self, i: usize) -> Option<TableView> {
+            self.rt
+                .block_on(client::get(&self.nodes[i].node.socket, "/v1/table"))
+                .ok()
+        }
+
+        /// `GET /v1/status` of node `i`.
+        pub fn status(&self, i: usize) -> Option<StatusView> {
+            self.rt
+                .block_on(client::get(&self.nodes[i].node.socket, "/v1/status"))
+                .ok()
+        }
+
+        /// Waits until the tables of nodes `which` hold `expect` nodes alive.
+        pub fn wait_converged_subset(
+            &self,
+            which: &[usize],
+            expect: usize,
+            timeout: Duration,
+        ) -> Result<(), String> {
+            let alive = |i: usize| {
+                self.table(i).map(|t| {
+                    t.rows
+                        .iter()
+                        .filter(|r| r.state == drift_node::table::Liveness::Alive)
+                        .count()
+                })
+            };
+            wait_until(timeout, Duration::from_millis(200), || {
+                which
+                    .iter()
+                    .all(|&i| alive(i) == Some(expect))
+                    .then_some(())
+            })
+            .ok_or_else(|| {
+                let seen: Vec<_> = which.iter().map(|&i| (i, alive(i))).collect();
+                format!("no convergence: alive counts {seen:?}")
+            })
+        }
+
+        /// Waits until every running node's table holds every node alive.
+        pub fn wait_converged(&self, timeout: Duration) -> Result<(), String> {
+            let nodes: Vec<TestnetNode> = self.nodes.iter().map(|n| n.node.clone()).collect();
+            let mut last = String::new();
+            wait_until(timeout, Duration::from_millis(200), || {
+                match self.rt.block_on(testnet::converged(&nodes)) {
+                    Ok(_) => Some(()),
+                    Err(e) => {
+                        last = e;
+                        None
+                    }
+                }
+            })
+            .ok_or_else(|| {
+                let logs: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .map(|n| format!("--- {}:\n{}", n.node.name, n.log_tail()))
+                    .collect();
+                format!("no convergence: {last}\n{}", logs.join("\n"))
+            })
+        }
+    }
+}

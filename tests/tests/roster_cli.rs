@@ -1,6 +1,8 @@
 //! The key and roster tools, used as an operator would: keys, a draft, two signed epochs, and
 //! every way a roster file can be wrong.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::fs;
 
 use drift_tests::{drift, drift_ok};

@@ -4,9 +4,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod daemon;
 mod keys;
 mod roster;
 mod table;
+
+pub(crate) use daemon::{render_table, runtime as daemon_runtime};
 
 /// drift: decentralized, secure live migration of virtual machines.
 #[derive(Debug, Parser)]
@@ -31,6 +34,16 @@ pub enum Command {
     /// Manage the admin-signed roster of cluster members.
     #[command(subcommand)]
     Roster(roster::RosterCommand),
+    /// Run the node daemon.
+    Run(daemon::RunArgs),
+    /// Show the local daemon's state and counters.
+    Status(daemon::ReadArgs),
+    /// List the daemon's connected peers.
+    Peers(daemon::ReadArgs),
+    /// Show the peer load table: one row per roster host.
+    Table(daemon::TableArgs),
+    /// Run a whole cluster on this machine.
+    Testnet(crate::testnet::TestnetArgs),
 }
 
 /// Logs go to stderr, so command output on stdout stays scriptable.
@@ -53,5 +66,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keygen(args) => keys::keygen(args),
         Command::Id(args) => keys::id(args),
         Command::Roster(cmd) => roster::run(cmd),
+        Command::Run(args) => daemon::run(args),
+        Command::Status(args) => daemon::status(args),
+        Command::Peers(args) => daemon::peers(args),
+        Command::Table(args) => daemon::table(args),
+        Command::Testnet(args) => crate::testnet::run(args),
     }
 }

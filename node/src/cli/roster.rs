@@ -7,13 +7,14 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use drift_protocol::codec::encode_frame;
 use drift_protocol::roster::{self, Roster};
 use drift_protocol::{NodeId, Signed, Timestamp};
 
+use crate::clock::now;
 use crate::durable::Overwrite;
 use crate::identity::{
     read_draft, read_key, read_signed_roster, write_draft, write_signed_roster, DraftMember,
@@ -34,6 +35,17 @@ pub enum RosterCommand {
     Show(ShowArgs),
     /// Verify a signed roster against the admin's public id.
     Verify(VerifyArgs),
+    /// Hand a signed roster of the next epoch to a running node, which adopts it and spreads it
+    /// to every member by gossip.
+    Push(PushArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// The signed roster.
+    pub roster: PathBuf,
+    #[command(flatten)]
+    pub target: super::daemon::Target,
 }
 
 #[derive(Debug, Args)]
@@ -135,14 +147,6 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     Ok((k.to_string(), v.to_string()))
 }
 
-pub(crate) fn now() -> Timestamp {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    Timestamp(ms)
-}
-
 fn overwrite(force: bool) -> Overwrite {
     if force {
         Overwrite::Replace
@@ -207,6 +211,18 @@ pub(crate) fn run(cmd: RosterCommand) -> anyhow::Result<ExitCode> {
             eprintln!("removed {} from {}", a.member, a.draft.display());
         }
         RosterCommand::Sign(a) => sign(a)?,
+        RosterCommand::Push(a) => {
+            let signed = read_signed_roster(&a.roster)?;
+            let socket = a.target.socket()?;
+            let v: crate::control::RosterPushView = super::daemon::runtime()?.block_on(
+                crate::control::client::post(&socket, "/v1/roster", encode_frame(&signed)),
+            )?;
+            if v.adopted {
+                println!("adopted: the node is now at roster epoch {}", v.epoch);
+            } else {
+                println!("not newer: the node stays at roster epoch {}", v.epoch);
+            }
+        }
         RosterCommand::Show(a) => show(&a.file, a.json)?,
         RosterCommand::Verify(a) => {
             let signed = read_signed_roster(&a.roster)?;

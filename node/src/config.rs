@@ -1,0 +1,340 @@
+//! The node's configuration: one TOML file, documented here field by field.
+//!
+//! Relative paths are resolved against the directory of the config file. Unknown keys are an
+//! error, and every semantic error names the key (`load.interval: must be at least 100ms`).
+//! See `deploy/` for production and lab examples.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use drift_protocol::NodeId;
+use libp2p::Multiaddr;
+use serde::{Deserialize, Serialize};
+
+/// What was wrong with a config file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        message: String,
+    },
+}
+
+/// The whole configuration of `drift run`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeSection,
+    #[serde(default)]
+    pub control: ControlSection,
+    #[serde(default)]
+    pub load: LoadSection,
+    #[serde(default)]
+    pub gossip: GossipSection,
+}
+
+/// Identity, membership and network.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// The node's secret key file (mode 0600), from `drift keygen`.
+    pub key: PathBuf,
+    /// The signed roster file, from `drift roster sign`.
+    pub roster: PathBuf,
+    /// The cluster admin's public id: the only key whose rosters this node accepts.
+    pub admin: NodeId,
+    /// Where the node keeps state: adopted rosters, audit log, migration records.
+    pub state_dir: PathBuf,
+    /// Addresses to listen on, e.g. `/ip4/0.0.0.0/tcp/7400` and `/ip4/0.0.0.0/udp/7400/quic-v1`.
+    #[serde(default = "default_listen")]
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial at start and whenever the node has no connection, e.g.
+    /// `/ip4/10.0.0.2/tcp/7400` or `/dns4/node-2/tcp/7400`. A `/p2p/<peer id>` suffix
+    /// makes the dial check the remote's identity.
+    #[serde(default)]
+    pub bootstrap: Vec<Multiaddr>,
+    /// Accept connections from any peer, not only roster members. For experiments only: the
+    /// node says so loudly at start and in `drift status`. Reports are still validated.
+    #[serde(default)]
+    pub insecure_open: bool,
+    /// At most this many established connections.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+}
+
+/// The local admin API.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ControlSection {
+    /// The Unix socket of the admin API (created mode 0600: who can open it is the access
+    /// control). Default: `<state_dir>/drift.sock`.
+    pub socket: Option<PathBuf>,
+}
+
+/// Where the host's load comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LoadSource {
+    /// The real host: `/proc/stat`, `/proc/meminfo`, RAPL or the power model.
+    #[default]
+    Host,
+    /// A synthetic figure (for testnets on one machine): `synthetic_cpu` plus a slow wave, or
+    /// a trace.
+    Synthetic,
+}
+
+/// Load sampling and reporting.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadSection {
+    /// How often to sample and publish a report.
+    #[serde(with = "humantime_serde", default = "default_interval")]
+    pub interval: Duration,
+    #[serde(default)]
+    pub source: LoadSource,
+    /// Synthetic CPU utilization, 0.0 to 1.0.
+    #[serde(default = "default_synthetic_cpu")]
+    pub synthetic_cpu: f64,
+    /// Amplitude of the synthetic wave around `synthetic_cpu`, 0.0 to 1.0.
+    #[serde(default)]
+    pub synthetic_wave: f64,
+    /// A CPU trace to replay instead: one utilization in percent per line (the PlanetLab
+    /// format), one line per interval, looping.
+    pub trace: Option<PathBuf>,
+    /// Synthetic memory size in MiB (synthetic source only).
+    #[serde(default = "default_synthetic_mem")]
+    pub synthetic_mem_mib: u64,
+    /// Power model, used when RAPL is not readable: idle + (peak - idle) * utilization.
+    #[serde(default = "default_idle_watts")]
+    pub idle_watts: f64,
+    #[serde(default = "default_peak_watts")]
+    pub peak_watts: f64,
+}
+
+impl Default for LoadSection {
+    fn default() -> Self {
+        Self {
+            interval: default_interval(),
+            source: LoadSource::Host,
+            synthetic_cpu: default_synthetic_cpu(),
+            synthetic_wave: 0.0,
+            trace: None,
+            synthetic_mem_mib: default_synthetic_mem(),
+            idle_watts: default_idle_watts(),
+            peak_watts: default_peak_watts(),
+        }
+    }
+}
+
+/// Gossip and liveness.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GossipSection {
+    /// A host whose newest report is older than this is `suspect`.
+    #[serde(with = "humantime_serde", default = "default_suspect_after")]
+    pub suspect_after: Duration,
+    /// A host whose newest report is older than this is `gone` (kept in the table, marked).
+    #[serde(with = "humantime_serde", default = "default_gone_after")]
+    pub gone_after: Duration,
+    /// Reports issued longer ago than this are refused.
+    #[serde(with = "humantime_serde", default = "default_max_age")]
+    pub max_report_age: Duration,
+    /// Reports issued further than this in the future are refused (clock skew bound).
+    #[serde(with = "humantime_serde", default = "default_max_skew")]
+    pub max_clock_skew: Duration,
+}
+
+impl Default for GossipSection {
+    fn default() -> Self {
+        Self {
+            suspect_after: default_suspect_after(),
+            gone_after: default_gone_after(),
+            max_report_age: default_max_age(),
+            max_clock_skew: default_max_skew(),
+        }
+    }
+}
+
+fn default_listen() -> Vec<Multiaddr> {
+    vec!["/ip4/0.0.0.0/tcp/7400".parse().expect("valid multiaddr")]
+}
+fn default_max_connections() -> u32 {
+    256
+}
+fn default_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_synthetic_cpu() -> f64 {
+    0.3
+}
+fn default_synthetic_mem() -> u64 {
+    16 * 1024
+}
+fn default_idle_watts() -> f64 {
+    100.0
+}
+fn default_peak_watts() -> f64 {
+    300.0
+}
+fn default_suspect_after() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_gone_after() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_max_age() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_skew() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl Config {
+    /// Reads, parses, resolves relative paths and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config
+            .validate()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                path: path.to_owned(),
+                key,
+                message,
+            })?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.node.key);
+        fix(&mut self.node.roster);
+        fix(&mut self.node.state_dir);
+        if let Some(s) = &mut self.control.socket {
+            fix(s);
+        }
+        if let Some(t) = &mut self.load.trace {
+            fix(t);
+        }
+    }
+
+    /// Semantic checks; the error names the key.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        let l = &self.load;
+        let g = &self.gossip;
+        if self.node.listen.is_empty() {
+            return Err(("node.listen", "needs at least one address".into()));
+        }
+        if self.node.max_connections == 0 {
+            return Err(("node.max_connections", "must be at least 1".into()));
+        }
+        if l.interval < Duration::from_millis(100) || l.interval > Duration::from_secs(3600) {
+            return Err(("load.interval", "must be between 100ms and 1h".into()));
+        }
+        if !(0.0..=1.0).contains(&l.synthetic_cpu) {
+            return Err(("load.synthetic_cpu", "must be between 0.0 and 1.0".into()));
+        }
+        if !(0.0..=1.0).contains(&l.synthetic_wave) {
+            return Err(("load.synthetic_wave", "must be between 0.0 and 1.0".into()));
+        }
+        if !(l.idle_watts >= 0.0 && l.peak_watts >= l.idle_watts && l.peak_watts <= 100_000.0) {
+            return Err((
+                "load.peak_watts",
+                "need 0 <= idle_watts <= peak_watts <= 100000".into(),
+            ));
+        }
+        if g.suspect_after <= l.interval {
+            return Err((
+                "gossip.suspect_after",
+                "must be longer than load.interval".into(),
+            ));
+        }
+        if g.gone_after <= g.suspect_after {
+            return Err((
+                "gossip.gone_after",
+                "must be longer than gossip.suspect_after".into(),
+            ));
+        }
+        if g.max_report_age < l.interval {
+            return Err((
+                "gossip.max_report_age",
+                "must be at least load.interval".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The admin API socket.
+    pub fn socket_path(&self) -> PathBuf {
+        self.control
+            .socket
+            .clone()
+            .unwrap_or_else(|| self.node.state_dir.join("drift.sock"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ADMIN: &str = "14qgCK9xTgrxrqFfz5MJXbKz8MP7ayjG5vpbXqm3gNzo";
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("drift.toml");
+        std::fs::write(&p, text).unwrap();
+        Config::load(&p)
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults_and_resolved_paths() {
+        let c = load(&format!(
+            "[node]\nkey = \"node.key\"\nroster = \"/etc/drift/roster\"\nadmin = \"{ADMIN}\"\nstate_dir = \"state\"\n"
+        ))
+        .unwrap();
+        assert!(c.node.key.is_absolute());
+        assert_eq!(c.node.roster, PathBuf::from("/etc/drift/roster"));
+        assert_eq!(c.load.interval, Duration::from_secs(1));
+        assert!(c.socket_path().ends_with("state/drift.sock"));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let base = format!(
+            "[node]\nkey = \"k\"\nroster = \"r\"\nadmin = \"{ADMIN}\"\nstate_dir = \"s\"\n"
+        );
+        let err = load(&format!("{base}[load]\ninterval = \"10ms\"\n")).unwrap_err();
+        assert!(err.to_string().contains("load.interval"), "{err}");
+        let err = load(&format!("{base}[load]\nbogus = 1\n")).unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+        let err = load(&format!(
+            "{base}[gossip]\nsuspect_after = \"20s\"\ngone_after = \"10s\"\n"
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("gossip.gone_after"), "{err}");
+        let err =
+            load("[node]\nkey = \"k\"\nroster = \"r\"\nadmin = \"nope\"\nstate_dir = \"s\"\n")
+                .unwrap_err();
+        assert!(err.to_string().contains("admin"), "{err}");
+    }
+}

@@ -1,0 +1,80 @@
+//! The admin API: HTTP/1.1 + JSON on a Unix socket, versioned paths.
+//!
+//! The socket is created mode 0600 in a directory the node owns: whoever can open it may
+//! administer the node, and nobody else. Every read has a stable JSON shape carrying
+//! `"version": 1`.
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | GET | `/v1/status` | the node, its roster, its counters |
+//! | GET | `/v1/peers` | connected peers |
+//! | GET | `/v1/table` | the peer load table, one row per roster host |
+//! | POST | `/v1/roster` | a signed roster (codec frame) to adopt and announce |
+
+pub mod client;
+pub mod server;
+
+use std::collections::BTreeMap;
+
+use drift_protocol::NodeId;
+use serde::{Deserialize, Serialize};
+
+use crate::mesh::PeerInfo;
+use crate::table::Row;
+
+/// The JSON shape version of every response.
+pub const API_VERSION: u32 = 1;
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusView {
+    pub version: u32,
+    pub node: NodeId,
+    pub name: Option<String>,
+    pub cluster: String,
+    pub roster_epoch: u64,
+    pub uptime_ms: u64,
+    pub listen: Vec<String>,
+    pub peers: usize,
+    /// Roster hosts by liveness: alive, suspect, gone, unknown.
+    pub hosts: BTreeMap<String, usize>,
+    pub insecure_open: bool,
+    pub reports_accepted: u64,
+    pub reports_published: u64,
+    pub publish_failures: u64,
+    /// Refused reports by reason (every reason listed, zeros included).
+    pub reports_rejected: BTreeMap<String, u64>,
+    pub connections_denied: u64,
+    pub rosters_adopted: u64,
+    pub rosters_refused: u64,
+}
+
+/// `GET /v1/peers`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeersView {
+    pub version: u32,
+    pub peers: Vec<PeerInfo>,
+}
+
+/// `GET /v1/table`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TableView {
+    pub version: u32,
+    pub node: NodeId,
+    pub roster_epoch: u64,
+    pub rows: Vec<Row>,
+}
+
+/// `POST /v1/roster`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RosterPushView {
+    pub version: u32,
+    pub adopted: bool,
+    pub epoch: u64,
+}
+
+/// An error body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorView {
+    pub error: String,
+}

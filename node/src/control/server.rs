@@ -1,0 +1,199 @@
+//! The admin API server.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use drift_protocol::codec::FrameDecoder;
+use drift_protocol::{Roster, Signed};
+use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
+
+use super::{ErrorView, PeersView, RosterPushView, StatusView, TableView, API_VERSION};
+use crate::mesh::{Client, MAX_GOSSIP_MESSAGE};
+use crate::state::NodeState;
+use crate::table::Liveness;
+
+#[derive(Clone)]
+struct App {
+    state: Arc<NodeState>,
+    mesh: Client,
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(ErrorView {
+            error: message.into(),
+        }),
+    )
+        .into_response()
+}
+
+/// Why the API could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("another drift daemon is already listening on {0}")]
+    InUse(PathBuf),
+    #[error("cannot create the admin socket {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Binds the socket (mode 0600; a stale socket file is replaced, a live one is an error) and
+/// serves until `cancel`, then removes the socket file.
+pub async fn bind(
+    path: &Path,
+    state: Arc<NodeState>,
+    mesh: Client,
+    cancel: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, ServeError> {
+    let bind_err = |source| ServeError::Bind {
+        path: path.to_owned(),
+        source,
+    };
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(ServeError::InUse(path.to_owned()));
+        }
+        std::fs::remove_file(path).map_err(bind_err)?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(bind_err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(bind_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+
+    let app = Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/peers", get(peers))
+        .route("/v1/table", get(table))
+        .route("/v1/roster", post(push_roster))
+        .layer(DefaultBodyLimit::max(MAX_GOSSIP_MESSAGE))
+        .with_state(App { state, mesh });
+    let path = path.to_owned();
+    Ok(tokio::spawn(async move {
+        let shutdown = cancel.clone().cancelled_owned();
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::warn!(error = %e, "admin API stopped");
+        }
+        let _ = std::fs::remove_file(&path);
+    }))
+}
+
+async fn status(State(app): State<App>) -> Response {
+    let peers = match app.mesh.peers().await {
+        Ok(p) => p.len(),
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
+    let listen = app
+        .mesh
+        .listen_addrs()
+        .await
+        .unwrap_or_default()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let s = &app.state;
+    let c = &s.counters;
+    let roster = s.roster();
+    let rows = s.table().rows(&roster.roster, &s.me, Instant::now());
+    let mut hosts = std::collections::BTreeMap::new();
+    for l in [
+        Liveness::Alive,
+        Liveness::Suspect,
+        Liveness::Gone,
+        Liveness::Unknown,
+    ] {
+        hosts.insert(l.to_string(), rows.iter().filter(|r| r.state == l).count());
+    }
+    Json(StatusView {
+        version: API_VERSION,
+        node: s.me,
+        name: roster.roster.member(&s.me).map(|m| m.name.clone()),
+        cluster: roster.roster.cluster.clone(),
+        roster_epoch: roster.roster.epoch,
+        uptime_ms: s.started.elapsed().as_millis() as u64,
+        listen,
+        peers,
+        hosts,
+        insecure_open: s.insecure_open,
+        reports_accepted: c.reports_accepted.load(Ordering::Relaxed),
+        reports_published: c.reports_published.load(Ordering::Relaxed),
+        publish_failures: c.publish_failures.load(Ordering::Relaxed),
+        reports_rejected: c.rejections(),
+        connections_denied: c.connections_denied.load(Ordering::Relaxed),
+        rosters_adopted: c.rosters_adopted.load(Ordering::Relaxed),
+        rosters_refused: c.rosters_refused.load(Ordering::Relaxed),
+    })
+    .into_response()
+}
+
+async fn peers(State(app): State<App>) -> Response {
+    match app.mesh.peers().await {
+        Ok(peers) => Json(PeersView {
+            version: API_VERSION,
+            peers,
+        })
+        .into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn table(State(app): State<App>) -> Response {
+    let s = &app.state;
+    let roster = s.roster();
+    let rows = s.table().rows(&roster.roster, &s.me, Instant::now());
+    Json(TableView {
+        version: API_VERSION,
+        node: s.me,
+        roster_epoch: roster.roster.epoch,
+        rows,
+    })
+    .into_response()
+}
+
+async fn push_roster(State(app): State<App>, body: Bytes) -> Response {
+    let signed: Signed<Roster> = match FrameDecoder::new(MAX_GOSSIP_MESSAGE).decode_exact(&body) {
+        Ok(s) => s,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("not a signed roster: {e}")),
+    };
+    let result = app.state.adopt(&[signed], crate::clock::now());
+    match result {
+        Ok(Some(change)) => {
+            let epoch = change.epoch;
+            if app.mesh.roster_changed(change).await.is_err() {
+                return error(StatusCode::SERVICE_UNAVAILABLE, "mesh stopped");
+            }
+            Json(RosterPushView {
+                version: API_VERSION,
+                adopted: true,
+                epoch,
+            })
+            .into_response()
+        }
+        Ok(None) => Json(RosterPushView {
+            version: API_VERSION,
+            adopted: false,
+            epoch: app.state.roster().roster.epoch,
+        })
+        .into_response(),
+        Err(e) => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("roster refused: {e}"),
+        ),
+    }
+}

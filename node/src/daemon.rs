@@ -1,0 +1,224 @@
+//! `drift run`: starts every part of a node in order and stops them in reverse.
+//!
+//! Start: key → state directory → roster (the newer of the configured file and the last
+//! adopted one, both verified against the admin key) → peer table → mesh → monitor → admin API.
+//! Stop (SIGINT/SIGTERM or [`Running::shutdown`]): one cancellation token stops every task;
+//! the node waits for each, then removes its socket. Every file it writes is written atomically,
+//! so stopping at any point leaves nothing half-written.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use drift_protocol::report::Freshness;
+use drift_protocol::roster::{self, RosterError};
+use drift_protocol::{Roster, Signed};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn, Instrument};
+
+use crate::config::Config;
+use crate::identity::{read_key, read_signed_roster, FileError};
+use crate::mesh::{self, Client, MeshConfig, MeshError};
+use crate::monitor::{self, Monitor};
+use crate::state::NodeState;
+use crate::table::Table;
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("cannot create state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("roster {path} is not acceptable: {source}")]
+    Roster { path: PathBuf, source: RosterError },
+    #[error(
+        "this node ({id}) is not a member of roster epoch {epoch}; add it with `drift roster add` \
+         and sign a new epoch (or set node.insecure_open for experiments)"
+    )]
+    NotAMember { id: String, epoch: u64 },
+    #[error("{0}")]
+    Monitor(String),
+    #[error(transparent)]
+    Mesh(#[from] MeshError),
+    #[error(transparent)]
+    Api(#[from] crate::control::server::ServeError),
+}
+
+/// A started node.
+#[derive(Debug)]
+pub struct Running {
+    pub state: Arc<NodeState>,
+    pub mesh: Client,
+    pub socket: PathBuf,
+    cancel: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl Running {
+    /// Stops every task and waits for them.
+    pub async fn shutdown(mut self) {
+        self.cancel.cancel();
+        while self.tasks.join_next().await.is_some() {}
+        info!("node stopped");
+    }
+
+    /// A token that is cancelled when the node stops.
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+}
+
+fn load_roster(config: &Config) -> Result<(Signed<Roster>, Roster), StartError> {
+    let admin = config.node.admin;
+    let now = crate::clock::now();
+    let path = &config.node.roster;
+    let signed = read_signed_roster(path)?;
+    let r = roster::verify(&signed, &admin, Some(now)).map_err(|source| StartError::Roster {
+        path: path.clone(),
+        source,
+    })?;
+    let adopted_path = config.node.state_dir.join("roster.current");
+    if adopted_path.exists() {
+        match read_signed_roster(&adopted_path)
+            .ok()
+            .and_then(|s| roster::verify(&s, &admin, Some(now)).ok().map(|r| (s, r)))
+        {
+            Some((s, a)) if a.cluster == r.cluster && a.epoch > r.epoch => {
+                info!(epoch = a.epoch, "using the roster adopted before restart");
+                return Ok((s, a));
+            }
+            Some(_) => {}
+            None => warn!(path = %adopted_path.display(), "ignoring unusable adopted roster"),
+        }
+    }
+    Ok((signed, r))
+}
+
+/// Starts a node from its configuration.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    let key = read_key(&config.node.key)?;
+    let me = key.public();
+    let span = tracing::info_span!("node", id = %me.short());
+    let state_dir = config.node.state_dir.clone();
+    std::fs::create_dir_all(&state_dir)
+        .and_then(|()| std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700)))
+        .map_err(|source| StartError::StateDir {
+            path: state_dir.clone(),
+            source,
+        })?;
+    let (signed, roster) = load_roster(&config)?;
+    if roster.member(&me).is_none() && !config.node.insecure_open {
+        return Err(StartError::NotAMember {
+            id: me.to_string(),
+            epoch: roster.epoch,
+        });
+    }
+    let _enter = span.enter();
+    if config.node.insecure_open {
+        warn!("INSECURE: node.insecure_open is set: connections from ANY peer are accepted; use only for experiments");
+    }
+    let name = roster.member(&me).map(|m| m.name.clone());
+    let epoch = roster.epoch;
+    let members = roster.members.len();
+    let table = Table::new(config.gossip.suspect_after, config.gossip.gone_after);
+    let state = Arc::new(NodeState::new(
+        me,
+        config.node.admin,
+        config.node.insecure_open,
+        state_dir,
+        signed,
+        roster,
+        table,
+    ));
+    let cancel = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+
+    let (client, mesh_task) = mesh::spawn(
+        MeshConfig {
+            key: key.clone(),
+            listen: config.node.listen.clone(),
+            bootstrap: config.node.bootstrap.clone(),
+            max_connections: config.node.max_connections,
+            freshness: Freshness {
+                max_age_ms: config.gossip.max_report_age.as_millis() as u64,
+                max_skew_ms: config.gossip.max_clock_skew.as_millis() as u64,
+            },
+        },
+        state.clone(),
+        cancel.clone(),
+    )?;
+    tasks.spawn(
+        async move {
+            let _ = mesh_task.await;
+        }
+        .instrument(span.clone()),
+    );
+
+    let monitor = Monitor::new(&config.load, &me).map_err(StartError::Monitor)?;
+    tasks.spawn(
+        monitor::run(
+            monitor,
+            key,
+            state.clone(),
+            client.clone(),
+            config.load.interval,
+            cancel.clone(),
+        )
+        .instrument(span.clone()),
+    );
+
+    let socket = config.socket_path();
+    let api =
+        crate::control::server::bind(&socket, state.clone(), client.clone(), cancel.clone()).await;
+    let api = match api {
+        Ok(api) => api,
+        Err(e) => {
+            cancel.cancel();
+            while tasks.join_next().await.is_some() {}
+            return Err(e.into());
+        }
+    };
+    tasks.spawn(
+        async move {
+            let _ = api.await;
+        }
+        .instrument(span.clone()),
+    );
+    info!(
+        name = name.as_deref().unwrap_or("-"),
+        node = %me,
+        roster_epoch = epoch,
+        members,
+        socket = %socket.display(),
+        "drift node started"
+    );
+    drop(_enter);
+    Ok(Running {
+        state,
+        mesh: client,
+        socket,
+        cancel,
+        tasks,
+    })
+}
+
+/// Waits for SIGINT or SIGTERM.
+pub async fn stop_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,374 @@
+//! `drift testnet`: a whole cluster on this machine.
+//!
+//! Creates (or reuses) a directory with an admin key, one key per node, a roster signed by the
+//! admin and one config per node; starts one `drift run` process per node on 127.0.0.1; waits
+//! until every node's table holds every node alive; prints the table; then runs until Ctrl-C
+//! (or, with `--check`, exits). Children are stopped with SIGTERM (SIGKILL after a grace
+//! period), and the directory is left ready for the next run: keys are kept, configs and the
+//! roster are rewritten.
+//!
+//! Layout of the directory:
+//!
+//! ```text
+//! DIR/admin.key  DIR/roster.toml  DIR/roster
+//! DIR/node-1/{node.key, drift.toml, drift.log, drift.sock, state/}
+//! ```
+
+use std::fmt::Write as _;
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use drift_protocol::{NodeId, SecretKey, Signed};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use rand_core::OsRng;
+use tokio::process::{Child, Command};
+
+use crate::control::{client, TableView};
+use crate::durable::{write_atomic, Overwrite};
+use crate::identity::{self, DraftMember, RosterDraft};
+use crate::table::Liveness;
+
+/// At most this many nodes on one machine.
+pub const MAX_NODES: usize = 64;
+
+#[derive(Debug, Args)]
+pub struct TestnetArgs {
+    /// Number of nodes.
+    #[arg(long, default_value_t = 5)]
+    pub nodes: usize,
+    /// Directory for keys, roster, configs, logs and state (reused across runs).
+    #[arg(long, default_value = "drift-testnet")]
+    pub dir: PathBuf,
+    /// First TCP port (node i listens on base + i - 1); 0 picks free ports.
+    #[arg(long, default_value_t = 0)]
+    pub base_port: u16,
+    /// Wait for full convergence, print the table and exit (0 on success).
+    #[arg(long)]
+    pub check: bool,
+    /// How long to wait for convergence.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Report interval of every node.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub interval: Duration,
+    /// Only write keys, roster and configs; start nothing.
+    #[arg(long)]
+    pub generate_only: bool,
+}
+
+/// One node of a generated testnet.
+#[derive(Debug, Clone)]
+pub struct TestnetNode {
+    pub name: String,
+    pub id: NodeId,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub port: u16,
+}
+
+const REGIONS: [(&str, &str); 3] = [("eu-west", "fr"), ("eu-central", "de"), ("us-east", "us")];
+
+fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    // Hold every listener until all ports are known, so no port is handed out twice.
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()
+        .context("finding free ports on 127.0.0.1")?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
+}
+
+fn key_at(path: &Path) -> anyhow::Result<SecretKey> {
+    if path.exists() {
+        return Ok(identity::read_key(path)?);
+    }
+    let key = SecretKey::generate(&mut OsRng);
+    identity::write_key(path, &key, Overwrite::Refuse)?;
+    Ok(key)
+}
+
+/// Writes (or refreshes) a testnet directory: keys, roster and configs.
+pub fn generate(
+    dir: &Path,
+    nodes: usize,
+    base_port: u16,
+    interval: Duration,
+) -> anyhow::Result<Vec<TestnetNode>> {
+    if nodes == 0 || nodes > MAX_NODES {
+        bail!("--nodes must be between 1 and {MAX_NODES}");
+    }
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("resolving {}", dir.display()))?;
+    let admin = key_at(&dir.join("admin.key"))?;
+    let ports = if base_port == 0 {
+        free_ports(nodes)?
+    } else {
+        (0..nodes)
+            .map(|i| {
+                base_port
+                    .checked_add(i as u16)
+                    .context("--base-port + --nodes exceeds 65535")
+            })
+            .collect::<anyhow::Result<_>>()?
+    };
+    let mut out = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let name = format!("node-{}", i + 1);
+        let ndir = dir.join(&name);
+        fs::create_dir_all(&ndir)?;
+        let key = key_at(&ndir.join("node.key"))?;
+        out.push(TestnetNode {
+            name,
+            id: key.public(),
+            config: ndir.join("drift.toml"),
+            socket: ndir.join("drift.sock"),
+            dir: ndir,
+            port: *port,
+        });
+    }
+    let draft = RosterDraft {
+        cluster: "testnet".into(),
+        members: out
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let (region, jurisdiction) = REGIONS[i % REGIONS.len()];
+                DraftMember {
+                    name: n.name.clone(),
+                    id: n.id,
+                    roles: vec!["host".into()],
+                    cpus: 16,
+                    mem_mib: 64 * 1024,
+                    labels: [
+                        ("region".to_string(), region.to_string()),
+                        ("jurisdiction".to_string(), jurisdiction.to_string()),
+                    ]
+                    .into(),
+                }
+            })
+            .collect(),
+    };
+    identity::write_draft(&dir.join("roster.toml"), &draft, Overwrite::Replace)?;
+    let now = crate::clock::now();
+    let roster = draft.to_roster(1, None, now, now.plus_millis(365 * 86_400_000))?;
+    identity::write_signed_roster(
+        &dir.join("roster"),
+        &Signed::sign(&roster, &admin),
+        Overwrite::Replace,
+    )?;
+    for (i, n) in out.iter().enumerate() {
+        // Spread the nodes' synthetic load from light to heavy, so the table is interesting.
+        let cpu = if nodes == 1 {
+            0.4
+        } else {
+            0.1 + 0.8 * i as f64 / (nodes - 1) as f64
+        };
+        let mut bootstrap = String::new();
+        for other in out.iter().filter(|o| o.name != n.name) {
+            let peer = crate::mesh::peer_id(&other.id);
+            let _ = writeln!(
+                bootstrap,
+                "    \"/ip4/127.0.0.1/tcp/{}/p2p/{peer}\",",
+                other.port
+            );
+        }
+        let config = format!(
+            "# drift testnet node {name}: generated by `drift testnet`; rewritten on every run.\n\
+             [node]\n\
+             key = \"node.key\"\n\
+             roster = \"../roster\"\n\
+             admin = \"{admin}\"\n\
+             state_dir = \"state\"\n\
+             listen = [\"/ip4/127.0.0.1/tcp/{port}\"]\n\
+             bootstrap = [\n{bootstrap}]\n\n\
+             [control]\n\
+             socket = \"drift.sock\"\n\n\
+             [load]\n\
+             interval = \"{interval}\"\n\
+             source = \"synthetic\"\n\
+             synthetic_cpu = {cpu:.2}\n\
+             synthetic_wave = 0.05\n\
+             synthetic_mem_mib = 65536\n\n\
+             [gossip]\n\
+             suspect_after = \"{suspect}\"\n\
+             gone_after = \"{gone}\"\n",
+            name = n.name,
+            admin = admin.public(),
+            port = n.port,
+            interval = humantime::format_duration(interval),
+            suspect = humantime::format_duration(interval * 5),
+            gone = humantime::format_duration(interval * 15),
+        );
+        write_atomic(&n.config, config.as_bytes(), 0o644, Overwrite::Replace)
+            .with_context(|| format!("writing {}", n.config.display()))?;
+    }
+    Ok(out)
+}
+
+/// Whether every table holds every node alive; `Err` lists what is missing.
+pub async fn converged(nodes: &[TestnetNode]) -> Result<TableView, String> {
+    let mut missing = Vec::new();
+    let mut first = None;
+    for n in nodes {
+        match client::get::<TableView>(&n.socket, "/v1/table").await {
+            Ok(t) => {
+                let alive = t.rows.iter().filter(|r| r.state == Liveness::Alive).count();
+                if alive != nodes.len() {
+                    let lacking: Vec<&str> = t
+                        .rows
+                        .iter()
+                        .filter(|r| r.state != Liveness::Alive)
+                        .map(|r| r.name.as_str())
+                        .collect();
+                    missing.push(format!("{} lacks {}", n.name, lacking.join(",")));
+                }
+                first.get_or_insert(t);
+            }
+            Err(_) => missing.push(format!("{} is not answering", n.name)),
+        }
+    }
+    match (missing.is_empty(), first) {
+        (true, Some(t)) => Ok(t),
+        _ => Err(missing.join("; ")),
+    }
+}
+
+fn stop_children(children: &mut [(String, Child)]) {
+    for (_, c) in children.iter() {
+        if let Some(pid) = c.id() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        }
+    }
+}
+
+async fn reap(children: &mut Vec<(String, Child)>) {
+    stop_children(children);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for (name, c) in children.iter_mut() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if tokio::time::timeout(left, c.wait()).await.is_err() {
+            eprintln!("{name} did not stop in time; killing it");
+            let _ = c.kill().await;
+        }
+    }
+    children.clear();
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(8)..].join("\n")
+}
+
+pub(crate) fn run(args: TestnetArgs) -> anyhow::Result<ExitCode> {
+    let nodes = generate(&args.dir, args.nodes, args.base_port, args.interval)?;
+    let dir = args.dir.canonicalize()?;
+    if args.generate_only {
+        println!(
+            "wrote testnet of {} nodes in {}",
+            nodes.len(),
+            dir.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let exe = std::env::current_exe().context("locating the drift binary")?;
+    crate::cli::daemon_runtime()?.block_on(async {
+        let mut children = Vec::new();
+        for n in &nodes {
+            let log = fs::File::create(n.dir.join("drift.log"))?;
+            let child = Command::new(&exe)
+                .arg("run")
+                .arg("--config")
+                .arg(&n.config)
+                .env("DRIFT_LOG", std::env::var("DRIFT_LOG").unwrap_or_else(|_| "info".into()))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("starting {}", n.name))?;
+            children.push((n.name.clone(), child));
+        }
+        eprintln!(
+            "started {} nodes in {} (logs: node-*/drift.log); waiting for convergence...",
+            nodes.len(),
+            dir.display()
+        );
+        let started = Instant::now();
+        let outcome = loop {
+            if let Some(name) = exited(&mut children) {
+                let tail = log_tail(&dir.join(&name).join("drift.log"));
+                break Err(format!("{name} exited early; last log lines:\n{tail}"));
+            }
+            match converged(&nodes).await {
+                Ok(t) => break Ok(t),
+                Err(missing) if started.elapsed() > args.timeout => break Err(missing),
+                Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        };
+        let table = match outcome {
+            Ok(t) => t,
+            Err(missing) => {
+                eprintln!(
+                    "no convergence after {:.1}s: {missing}",
+                    started.elapsed().as_secs_f64()
+                );
+                reap(&mut children).await;
+                return Ok(ExitCode::FAILURE);
+            }
+        };
+        println!(
+            "converged: {} nodes, every table holds every node ({:.1}s)\n",
+            nodes.len(),
+            started.elapsed().as_secs_f64()
+        );
+        print!("{}", crate::cli::render_table(&table));
+        if args.check {
+            reap(&mut children).await;
+            return Ok(ExitCode::SUCCESS);
+        }
+        println!(
+            "\nwatch it:  drift table --watch --socket {}\n           drift peers --socket {}\nCtrl-C stops every node.",
+            nodes[0].socket.display(),
+            nodes[0].socket.display()
+        );
+        let code = tokio::select! {
+            _ = crate::daemon::stop_signal() => ExitCode::SUCCESS,
+            name = wait_any_exit(&mut children) => {
+                eprintln!("{name} exited; stopping the testnet");
+                ExitCode::FAILURE
+            }
+        };
+        eprintln!("stopping {} nodes...", children.len());
+        reap(&mut children).await;
+        eprintln!("stopped; {} is ready for the next run", dir.display());
+        Ok(code)
+    })
+}
+
+/// The name of a child that has exited, if any.
+fn exited(children: &mut [(String, Child)]) -> Option<String> {
+    children
+        .iter_mut()
+        .find_map(|(name, c)| matches!(c.try_wait(), Ok(Some(_))).then(|| name.clone()))
+}
+
+async fn wait_any_exit(children: &mut [(String, Child)]) -> String {
+    loop {
+        if let Some(name) = exited(children) {
+            return name;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
