@@ -103,6 +103,43 @@ pub fn generate(
     base_port: u16,
     interval: Duration,
 ) -> anyhow::Result<Vec<TestnetNode>> {
+    generate_with(dir, nodes, base_port, interval, Topology::Full)
+}
+
+/// Whom each node dials at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology {
+    /// Every other node (small testnets).
+    Full,
+    /// A ring plus two chords per node: connected, and at most about 8 connections per node
+    /// (large in-process clusters).
+    Sparse,
+}
+
+fn neighbours(i: usize, n: usize, topology: Topology) -> Vec<usize> {
+    match topology {
+        Topology::Full => (0..n).filter(|&j| j != i).collect(),
+        Topology::Sparse => {
+            let mut v: Vec<usize> = [i + 1, i + n - 1, i + n / 2, i * 7 + 3]
+                .iter()
+                .map(|j| j % n)
+                .filter(|&j| j != i)
+                .collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        }
+    }
+}
+
+/// [`generate`] with a choice of bootstrap topology.
+pub fn generate_with(
+    dir: &Path,
+    nodes: usize,
+    base_port: u16,
+    interval: Duration,
+    topology: Topology,
+) -> anyhow::Result<Vec<TestnetNode>> {
     if nodes == 0 || nodes > MAX_NODES {
         bail!("--nodes must be between 1 and {MAX_NODES}");
     }
@@ -175,7 +212,7 @@ pub fn generate(
             0.1 + 0.8 * i as f64 / (nodes - 1) as f64
         };
         let mut bootstrap = String::new();
-        for other in out.iter().filter(|o| o.name != n.name) {
+        for other in neighbours(i, nodes, topology).into_iter().map(|j| &out[j]) {
             let peer = crate::mesh::peer_id(&other.id);
             let _ = writeln!(
                 bootstrap,

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod daemon;
 mod keys;
 mod roster;
@@ -44,6 +45,9 @@ pub enum Command {
     Table(daemon::TableArgs),
     /// Run a whole cluster on this machine.
     Testnet(crate::testnet::TestnetArgs),
+    /// Benchmarks that print figures next to a baseline.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 /// Logs go to stderr, so command output on stdout stays scriptable.
@@ -71,5 +75,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Peers(args) => daemon::peers(args),
         Command::Table(args) => daemon::table(args),
         Command::Testnet(args) => crate::testnet::run(args),
+        Command::Bench(cmd) => bench::run(cmd),
     }
 }
