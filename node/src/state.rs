@@ -136,9 +136,8 @@ impl NodeState {
         now: Timestamp,
     ) -> Result<Option<RosterChange>, roster::RosterError> {
         let mut guard = self.roster.write().unwrap_or_else(|p| p.into_inner());
-        let Some((signed, next)) =
-            roster::advance(&guard.signed, &guard.roster, chain, &self.admin, now)?
-        else {
+        let walked = roster::advance(&guard.signed, &guard.roster, chain, &self.admin, now)?;
+        let Some((signed, next)) = walked.last().cloned() else {
             return Ok(None);
         };
         if let Err(e) =
@@ -153,14 +152,8 @@ impl NodeState {
             added: new.iter().filter(|id| !old.contains(id)).copied().collect(),
             removed: old.iter().filter(|id| !new.contains(id)).copied().collect(),
         };
-        // Keep the intermediate epochs of `chain` so the announcement can lift laggards.
-        for s in chain {
-            if let Ok(r) = drift_protocol::codec::decode_payload::<Roster>(s.payload()) {
-                if r.epoch > guard.roster.epoch && r.epoch <= next.epoch {
-                    guard.chain.push(s.clone());
-                }
-            }
-        }
+        // Keep every epoch crossed, so this node's announcements can lift laggards.
+        guard.chain.extend(walked.into_iter().map(|(s, _)| s));
         let excess = guard.chain.len().saturating_sub(MAX_ANNOUNCED_EPOCHS);
         guard.chain.drain(..excess);
         guard.signed = signed;

@@ -39,6 +39,8 @@ pub enum DecodeError {
     Truncated { need: usize, have: usize },
     #[error("{0} trailing bytes after the value")]
     TrailingBytes(usize),
+    #[error("payload is not in canonical form")]
+    NotCanonical,
     #[error("payload does not decode: {0}")]
     Malformed(postcard::Error),
 }
@@ -50,13 +52,53 @@ pub fn encode_payload<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     postcard::to_stdvec(value).expect("drift types always encode")
 }
 
-/// Decodes a bare payload, which must be consumed exactly.
-pub fn decode_payload<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+/// Decodes a bare payload, which must be consumed exactly and be the canonical encoding of
+/// the value (postcard accepts overlong varints and unsorted maps; drift does not, so every
+/// value has exactly one encoding on the wire).
+pub fn decode_payload<T: DeserializeOwned + Serialize>(bytes: &[u8]) -> Result<T, DecodeError> {
     let (value, rest) = postcard::take_from_bytes(bytes).map_err(DecodeError::Malformed)?;
     if !rest.is_empty() {
         return Err(DecodeError::TrailingBytes(rest.len()));
     }
+    if !is_canonical(&value, bytes) {
+        return Err(DecodeError::NotCanonical);
+    }
     Ok(value)
+}
+
+/// Whether `bytes` is exactly the encoding of `value`, compared without allocating.
+fn is_canonical<T: Serialize>(value: &T, bytes: &[u8]) -> bool {
+    struct Compare<'a> {
+        expected: &'a [u8],
+        same: bool,
+    }
+    impl postcard::ser_flavors::Flavor for Compare<'_> {
+        type Output = bool;
+        fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+            self.try_extend(&[data])
+        }
+        fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+            match self.expected.split_at_checked(data.len()) {
+                Some((head, rest)) if head == data => self.expected = rest,
+                _ => {
+                    self.same = false;
+                    self.expected = &[];
+                }
+            }
+            Ok(())
+        }
+        fn finalize(self) -> postcard::Result<bool> {
+            Ok(self.same && self.expected.is_empty())
+        }
+    }
+    postcard::serialize_with_flavor(
+        value,
+        Compare {
+            expected: bytes,
+            same: true,
+        },
+    )
+    .unwrap_or(false)
 }
 
 /// Appends one frame holding `value` to `out`.
@@ -122,7 +164,7 @@ impl FrameDecoder {
 
     /// Decodes the first frame of `buf`. `Ok(None)`: not enough bytes yet. `Ok(Some((v, n)))`:
     /// a value and the bytes it used. Errors are final for the stream.
-    pub fn decode<T: DeserializeOwned>(
+    pub fn decode<T: DeserializeOwned + Serialize>(
         &self,
         buf: &[u8],
     ) -> Result<Option<(T, usize)>, DecodeError> {
@@ -130,6 +172,9 @@ impl FrameDecoder {
             // The length alone can already be judged.
             if let Some(len) = buf.get(..4) {
                 let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+                if len == 0 {
+                    return Err(DecodeError::Empty);
+                }
                 if len > self.max_len {
                     return Err(DecodeError::TooLarge {
                         len,
@@ -149,7 +194,10 @@ impl FrameDecoder {
     }
 
     /// Decodes a buffer that must be exactly one whole frame (a gossip message, a file).
-    pub fn decode_exact<T: DeserializeOwned>(&self, buf: &[u8]) -> Result<T, DecodeError> {
+    pub fn decode_exact<T: DeserializeOwned + Serialize>(
+        &self,
+        buf: &[u8],
+    ) -> Result<T, DecodeError> {
         match self.decode(buf)? {
             Some((value, used)) if used == buf.len() => Ok(value),
             Some((_, used)) => Err(DecodeError::TrailingBytes(buf.len() - used)),

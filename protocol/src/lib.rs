@@ -31,6 +31,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+mod bounded;
 pub mod codec;
 pub mod ids;
 pub mod keys;

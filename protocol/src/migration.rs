@@ -66,8 +66,10 @@ impl std::fmt::Display for Mode {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Placement {
     /// Jurisdictions (roster label `jurisdiction`) the VM may run in.
+    #[serde(deserialize_with = "crate::bounded::seq::<_, _, MAX_PLACEMENT_ENTRIES>")]
     pub jurisdictions: Vec<String>,
     /// Regions (roster label `region`) the VM may run in.
+    #[serde(deserialize_with = "crate::bounded::seq::<_, _, MAX_PLACEMENT_ENTRIES>")]
     pub regions: Vec<String>,
     /// VMs of the same anti-affinity group never share a host.
     pub anti_affinity: Option<String>,
@@ -257,15 +259,16 @@ pub fn validate_offer(
     roster: &Roster,
     now: Timestamp,
 ) -> Result<MigrationOffer, RejectReason> {
-    let offer = signed.verify().map_err(|_| RejectReason::BadOffer)?;
-    if signed.signer() != &offer.source {
-        return Err(RejectReason::WrongSigner);
-    }
+    // Membership first: a stranger's offer costs no signature check and no decoding.
     if !roster
-        .member(&offer.source)
+        .member(signed.signer())
         .is_some_and(|m| m.has_role(Role::Host))
     {
         return Err(RejectReason::NotAMember);
+    }
+    let offer = signed.verify().map_err(|_| RejectReason::BadOffer)?;
+    if signed.signer() != &offer.source {
+        return Err(RejectReason::WrongSigner);
     }
     if &offer.target != me {
         return Err(RejectReason::NotForMe);
@@ -379,9 +382,16 @@ mod tests {
             validate_offer(&signed, &dst.public(), &roster, Timestamp(11_000)),
             Err(RejectReason::Expired)
         );
+        // A stranger's offer is refused before its signature is even checked.
         let by_eve = Signed::sign(&offer, &eve);
         assert_eq!(
             validate_offer(&by_eve, &dst.public(), &roster, now),
+            Err(RejectReason::NotAMember)
+        );
+        // A member signing an offer in another member's name.
+        let by_dst = Signed::sign(&offer, &dst);
+        assert_eq!(
+            validate_offer(&by_dst, &dst.public(), &roster, now),
             Err(RejectReason::WrongSigner)
         );
         let mut de_only = offer.clone();

@@ -23,6 +23,8 @@ use crate::time::Timestamp;
 
 /// At most this many members in one roster.
 pub const MAX_MEMBERS: usize = 4096;
+/// At most this many roles per member.
+pub const MAX_ROLES: usize = 4;
 /// At most this many labels per member.
 pub const MAX_LABELS: usize = 32;
 /// Names, label keys and values, and the cluster name are at most this long.
@@ -77,7 +79,9 @@ pub struct Member {
     pub id: NodeId,
     /// Unique, human-readable name (`[A-Za-z0-9._-]`, at most 64 characters).
     pub name: String,
+    #[serde(deserialize_with = "crate::bounded::seq::<_, _, MAX_ROLES>")]
     pub roles: Vec<Role>,
+    #[serde(deserialize_with = "crate::bounded::map::<_, _, _, MAX_LABELS>")]
     pub labels: BTreeMap<String, String>,
     pub capacity: Capacity,
 }
@@ -109,7 +113,17 @@ pub struct Roster {
     pub prev: Option<Hash>,
     pub not_before: Timestamp,
     pub not_after: Timestamp,
+    #[serde(deserialize_with = "crate::bounded::seq::<_, _, MAX_MEMBERS>")]
     pub members: Vec<Member>,
+}
+
+/// The leading fields of an encoded [`Roster`]: enough to skip an epoch already held without
+/// decoding (or verifying) the rest.
+#[derive(Deserialize)]
+struct RosterHead {
+    #[allow(dead_code)]
+    cluster: String,
+    epoch: u64,
 }
 
 impl Signable for Roster {
@@ -382,13 +396,13 @@ mod tests {
         let signed: Vec<_> = chain.iter().map(|(s, _)| s.clone()).collect();
         let now = Timestamp(2000);
         let (s1, r1) = &chain[0];
-        let (head, head_roster) = advance(s1, r1, &signed, &admin.public(), now)
-            .unwrap()
-            .unwrap();
-        assert_eq!((head, head_roster.epoch), (signed[3].clone(), 4));
+        let walked = advance(s1, r1, &signed, &admin.public(), now).unwrap();
+        let epochs: Vec<u64> = walked.iter().map(|(_, r)| r.epoch).collect();
+        assert_eq!(epochs, vec![2, 3, 4]);
+        assert_eq!(walked[2].0, signed[3]);
         assert_eq!(
             advance(&signed[3], &chain[3].1, &signed, &admin.public(), now),
-            Ok(None)
+            Ok(vec![])
         );
         // A gap (epoch 2 missing) cannot be crossed.
         let gap = vec![signed[2].clone(), signed[3].clone()];
@@ -463,34 +477,36 @@ pub const MAX_ANNOUNCED_EPOCHS: usize = 8;
 /// consecutive epochs, so a node a few epochs behind can walk the chain forward.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Announcement {
+    #[serde(deserialize_with = "crate::bounded::seq::<_, _, MAX_ANNOUNCED_EPOCHS>")]
     pub chain: Vec<Signed<Roster>>,
 }
 
-/// Walks `chain` forward from `current` and returns the newest roster that links to it through
-/// verified successors (`None` when nothing in `chain` is newer). Entries at or below the
-/// current epoch are skipped; the first entry that should link but does not is an error.
+/// Walks `chain` forward from `current` and returns the verified successors it crossed, in
+/// epoch order (empty when nothing in `chain` is newer); the last is the new head. Entries at
+/// or below the current epoch are skipped unverified; the first entry that should link but does
+/// not is an error.
 pub fn advance(
     current: &Signed<Roster>,
     current_roster: &Roster,
     chain: &[Signed<Roster>],
     admin: &NodeId,
     now: Timestamp,
-) -> Result<Option<(Signed<Roster>, Roster)>, RosterError> {
-    let mut head: Option<(Signed<Roster>, Roster)> = None;
+) -> Result<Vec<(Signed<Roster>, Roster)>, RosterError> {
+    let mut walked: Vec<(Signed<Roster>, Roster)> = Vec::new();
     for next in chain.iter().take(MAX_ANNOUNCED_EPOCHS) {
-        let (cur_signed, cur_roster) = match &head {
+        let (cur_signed, cur_roster) = match walked.last() {
             Some((s, r)) => (s, r),
             None => (current, current_roster),
         };
-        // Cheap skip of epochs already held, without verifying them.
-        let Ok(candidate) = crate::codec::decode_payload::<Roster>(next.payload()) else {
+        // Cheap skip of epochs already held: read only the epoch, verify nothing.
+        let Ok((claimed, _)) = postcard::take_from_bytes::<RosterHead>(next.payload()) else {
             return Err(RosterError::Signature(VerifyError::BadSignature));
         };
-        if candidate.epoch <= cur_roster.epoch {
+        if claimed.epoch <= cur_roster.epoch {
             continue;
         }
         let roster = verify_successor(cur_signed, cur_roster, next, admin, now)?;
-        head = Some((next.clone(), roster));
+        walked.push((next.clone(), roster));
     }
-    Ok(head)
+    Ok(walked)
 }

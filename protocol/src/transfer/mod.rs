@@ -90,6 +90,7 @@ pub struct PageEntry {
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PageBatch {
     pub round: u32,
+    #[serde(deserialize_with = "crate::bounded::seq::<_, _, MAX_PAGES_PER_BATCH>")]
     pub entries: Vec<PageEntry>,
     /// The data of the `Full` entries, concatenated in entry order.
     #[serde(with = "serde_bytes")]
@@ -318,6 +319,7 @@ pub struct Abort {
 /// Post-copy: pages the target needs now.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PageRequest {
+    #[serde(deserialize_with = "crate::bounded::seq::<_, _, MAX_PAGE_REQUEST>")]
     pub pfns: Vec<u64>,
 }
 
