@@ -15,7 +15,9 @@
 //! - [`report`]: [`LoadReport`] and its validation ([`report::validate`]).
 //! - [`roster`]: the admin-signed [`Roster`] of members, its validation and its epoch chain.
 //! - [`migration`]: [`MigrationOffer`] and [`MigrationDecision`], bound by the offer's hash.
-//! - [`transfer`]: the frames of a live-migration stream and the blake3 memory root.
+//! - [`transfer`]: the frames of a live-migration stream, the blake3 memory root, and the two
+//!   state machines that run a transfer: [`transfer::receiver`] (the target, over untrusted
+//!   frames) and [`transfer::sender`] (the source, and when it may resume the VM itself).
 //! - [`audit`]: [`AuditRecord`], a signed, hash-chained log entry, and the chain verifier.
 //!
 //! ## Wire rules

@@ -153,10 +153,11 @@ const TRANSFER: Bound = Bound::seq_of::<PageEntry>(1);
 const ANNOUNCEMENT: Bound = Bound::seq_of::<Signed<Roster>>(1);
 /// `report::validate`: the envelope and the signing input; a `LoadReport` allocates nothing.
 const VALIDATE: Bound = Bound::new(2);
-/// The checks of decoded values (hashes and ranges) allocate nothing.
+/// The checks of decoded values (hashes and ranges) allocate at most the leaves of one batch:
+/// a 32-byte hash per entry, at most `MAX_PAGES_PER_BATCH` entries.
 const CHECK: Bound = Bound {
     per_byte: 0,
-    fixed: 0,
+    fixed: 32 * MAX_PAGES_PER_BATCH,
 };
 
 /// No decode may ever hold more than this, whatever the input.
@@ -1497,6 +1498,12 @@ impl Fuzz<'_> {
                 s,
                 true,
             ),
+            TransferFrame::Stale(stale) => {
+                assert!(
+                    stale.ranges.len() <= drift_protocol::transfer::MAX_STALE_RANGES,
+                    "{origin}"
+                );
+            }
             TransferFrame::Start(_) | TransferFrame::RoundEnd(_) | TransferFrame::Abort(_) => {}
         }
     }

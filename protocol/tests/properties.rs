@@ -31,7 +31,7 @@ use drift_protocol::signed::{Signable, Signed, VerifyError, DOMAINS};
 use drift_protocol::time::Timestamp;
 use drift_protocol::transfer::{
     self, Abort, AbortReason, Commit, Complete, DeviceState, PageBatch, PageRequest, RoundEnd,
-    Start, TransferFrame, PAGE_SIZE,
+    StaleRanges, Start, TransferFrame, PAGE_SIZE,
 };
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -426,6 +426,8 @@ fn transfer_frame() -> impl Strategy<Value = TransferFrame> {
             .prop_map(|(id, reason)| TransferFrame::Abort(Abort { id, reason })),
         prop::collection::vec(0u64..1 << 40, 0..16)
             .prop_map(|pfns| TransferFrame::PageRequest(PageRequest { pfns })),
+        prop::collection::vec((any::<u64>(), any::<u64>()), 0..16)
+            .prop_map(|ranges| TransferFrame::Stale(StaleRanges { ranges })),
     ]
 }
 
@@ -636,7 +638,10 @@ proptest! {
             }
             TransferFrame::Complete(s) => prop_assert!(s.verify().is_ok()),
             TransferFrame::Commit(s) => prop_assert!(s.verify().is_ok()),
-            TransferFrame::Start(_) | TransferFrame::RoundEnd(_) | TransferFrame::Abort(_) => {}
+            TransferFrame::Start(_)
+            | TransferFrame::RoundEnd(_)
+            | TransferFrame::Abort(_)
+            | TransferFrame::Stale(_) => {}
         }
     }
 

@@ -57,6 +57,19 @@ pub enum TransferFrame {
     Commit(Signed<Commit>),
     Abort(Abort),
     PageRequest(PageRequest),
+    /// Post-copy and hybrid: page ranges the target does not hold the switchover version of.
+    /// Sent after the last pre-copy round and before `DeviceState`; may take several frames.
+    Stale(StaleRanges),
+}
+
+/// At most this many ranges in one [`StaleRanges`] frame.
+pub const MAX_STALE_RANGES: usize = 16 * 1024;
+
+/// Pages `[start, start + len)` for each range.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StaleRanges {
+    #[serde(deserialize_with = "crate::bounded::seq::<_, _, MAX_STALE_RANGES>")]
+    pub ranges: Vec<(u64, u64)>,
 }
 
 /// Opens a transfer for an accepted offer.
@@ -95,7 +108,8 @@ pub struct PageBatch {
     /// The data of the `Full` entries, concatenated in entry order.
     #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
-    /// [`PageBatch::compute_hash`] of the above.
+    /// [`PageBatch::compute_hash`] of the above: over the round, the entries and each page's
+    /// leaf, so checking a batch yields the leaves the memory root needs at no extra cost.
     pub hash: Hash,
 }
 
@@ -167,22 +181,40 @@ impl PageBatch {
         }
     }
 
-    /// blake3 over the round, every entry and the data.
+    /// The hash of a batch: blake3 over the round, and for every entry its page number, kind
+    /// and leaf ([`page_leaf`] of its data, [`zero_leaf`] for a zero page). `data` must hold
+    /// the full pages in entry order (see [`PageBatch::check`] for the length rule).
     pub fn compute_hash(round: u32, entries: &[PageEntry], data: &[u8]) -> Hash {
+        Self::hash_and_leaves(round, entries, data).0
+    }
+
+    fn hash_and_leaves(round: u32, entries: &[PageEntry], data: &[u8]) -> (Hash, Vec<Hash>) {
         let mut h = blake3::Hasher::new();
-        h.update(b"drift/page-batch/v1");
+        h.update(b"drift/page-batch/v2");
         h.update(&round.to_le_bytes());
         h.update(&(entries.len() as u64).to_le_bytes());
+        let mut pages = data.chunks_exact(PAGE_SIZE);
+        let mut leaves = Vec::with_capacity(entries.len());
         for e in entries {
+            let leaf = match e.kind {
+                PageKind::Zero => zero_leaf(),
+                PageKind::Full => pages.next().map(page_leaf).unwrap_or(Hash::ZERO),
+            };
             h.update(&e.pfn.to_le_bytes());
             h.update(&[matches!(e.kind, PageKind::Full) as u8]);
+            h.update(&leaf.0);
+            leaves.push(leaf);
         }
-        h.update(data);
-        h.finalize().into()
+        (h.finalize().into(), leaves)
     }
 
     /// Checks every count, page number and length against the VM's `page_count`, and the hash.
     pub fn check(&self, page_count: u64) -> Result<(), FrameError> {
+        self.checked_leaves(page_count).map(|_| ())
+    }
+
+    /// [`PageBatch::check`], returning each entry's leaf for the memory root.
+    pub fn checked_leaves(&self, page_count: u64) -> Result<Vec<Hash>, FrameError> {
         if self.entries.len() > MAX_PAGES_PER_BATCH {
             return Err(FrameError::TooManyPages(self.entries.len()));
         }
@@ -202,10 +234,11 @@ impl PageBatch {
                 got: self.data.len(),
             });
         }
-        if Self::compute_hash(self.round, &self.entries, &self.data) != self.hash {
+        let (hash, leaves) = Self::hash_and_leaves(self.round, &self.entries, &self.data);
+        if hash != self.hash {
             return Err(FrameError::BadHash);
         }
-        Ok(())
+        Ok(leaves)
     }
 
     /// The pages in order: `(pfn, Some(data))` or `(pfn, None)` for a zero page. Only
@@ -336,7 +369,8 @@ impl PageRequest {
     }
 }
 
-/// The leaf of one page in the memory root.
+/// The leaf of one page in the memory root: its blake3 hash (an all-zero page hashes to
+/// [`zero_leaf`] like any other).
 pub fn page_leaf(page: &[u8]) -> Hash {
     if is_zero_page(page) {
         zero_leaf()
@@ -345,9 +379,10 @@ pub fn page_leaf(page: &[u8]) -> Hash {
     }
 }
 
-/// The leaf of an all-zero page.
+/// The leaf of an all-zero page (computed once).
 pub fn zero_leaf() -> Hash {
-    Hash::of(&[0u8; PAGE_SIZE])
+    static ZERO: std::sync::OnceLock<Hash> = std::sync::OnceLock::new();
+    *ZERO.get_or_init(|| Hash::of(&[0u8; PAGE_SIZE]))
 }
 
 /// The root over every page's leaf, in page order, and the device state's hash.
@@ -362,6 +397,9 @@ pub fn memory_root(leaves: &[Hash], device: &Hash) -> Hash {
     h.update(&device.0);
     h.finalize().into()
 }
+
+pub mod receiver;
+pub mod sender;
 
 #[cfg(test)]
 mod tests {

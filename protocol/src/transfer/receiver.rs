@@ -1,0 +1,424 @@
+//! The target side of a transfer, as a pure state machine over untrusted frames.
+//!
+//! The node feeds every frame from the source into [`Receiver::on_frame`] and carries out the
+//! [`Step`] it returns (write pages into the VM, load device state, resume, verify). The
+//! machine checks order, ids, counts, page numbers, hashes and the signed root before anything
+//! from the frame is used; any violation is an error after which the transfer is over.
+//!
+//! ```mermaid
+//! stateDiagram-v2
+//!     [*] --> AwaitStart
+//!     AwaitStart --> Copying: Start (id, offer, mode, page count as accepted)
+//!     Copying --> Copying: Pages(round), RoundEnd(round)
+//!     Copying --> AwaitComplete: DeviceState (pre-copy)
+//!     Copying --> Switching: Stale (post-copy, hybrid)
+//!     Switching --> Switching: Stale
+//!     Switching --> PostCopy: DeviceState -> resume now
+//!     Copying --> PostCopy: DeviceState (post-copy with nothing stale)
+//!     PostCopy --> PostCopy: Pages (only pages still missing are applied)
+//!     AwaitComplete --> Verified: Complete (signed by source, root matches)
+//!     PostCopy --> Verified: Complete, once no page is missing
+//!     Copying --> Aborted: Abort
+//!     AwaitComplete --> Aborted: Abort
+//! ```
+//!
+//! Leaves: the machine keeps, for every page, the leaf of the newest content it received
+//! (the target's memory starts all zero), so at `Complete` the root is one pass over 32 bytes
+//! per page, and it matches only if every page the target holds is the page the source had at
+//! switchover.
+
+use crate::ids::{Hash, MigrationId, NodeId};
+use crate::migration::Mode;
+use crate::signed::VerifyError;
+
+use super::{
+    memory_root, zero_leaf, Abort, AbortReason, FrameError, PageBatch, TransferFrame, PAGE_SIZE,
+};
+
+/// At most this many pre-copy rounds.
+pub const MAX_ROUNDS: u32 = 1024;
+
+/// What the target accepted: the machine refuses anything else.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    pub id: MigrationId,
+    /// Hash of the accepted `Signed<MigrationOffer>`.
+    pub offer: Hash,
+    pub source: NodeId,
+    pub mode: Mode,
+    /// The VM's memory in pages, from the accepted offer.
+    pub page_count: u64,
+}
+
+/// Where the transfer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    AwaitStart,
+    /// Pre-copy rounds (and the stop-and-copy round).
+    Copying,
+    /// Post-copy/hybrid: stale ranges arriving, before the device state.
+    Switching,
+    /// Pre-copy: device state loaded, waiting for the signed root.
+    AwaitComplete,
+    /// Post-copy: the VM runs here; missing pages arrive.
+    PostCopy,
+    /// The root verified: the VM may be committed here.
+    Verified,
+    /// The transfer is over without a move.
+    Aborted,
+}
+
+/// What the node must do after a frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step<'a> {
+    /// Nothing to do (a round ended, stale ranges noted).
+    Continue,
+    /// Write these pages into the VM's memory (`None` data: a zero page).
+    WritePages(Vec<(u64, Option<&'a [u8]>)>),
+    /// Load the device state into the paused VM (pre-copy: do not resume yet).
+    LoadDevice(&'a [u8]),
+    /// Post-copy: load the device state and resume the VM now; fetch missing pages on demand.
+    LoadDeviceAndResume(&'a [u8]),
+    /// The root verified. Record the commit durably, then resume (pre-copy), then send the
+    /// signed `Commit`.
+    Verified { root: Hash },
+    /// The source abandoned the transfer: discard the incoming VM.
+    Aborted(AbortReason),
+}
+
+/// Why a frame ended the transfer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReceiveError {
+    #[error("{frame} is not allowed in phase {phase:?}")]
+    OutOfOrder { frame: &'static str, phase: Phase },
+    #[error("frame is for migration {got:?}, expected {expected:?}")]
+    WrongId {
+        expected: MigrationId,
+        got: MigrationId,
+    },
+    #[error("start does not match the accepted offer: {0}")]
+    StartMismatch(&'static str),
+    #[error("batch of round {got}, expected round {expected}")]
+    WrongRound { expected: u32, got: u32 },
+    #[error("more than {MAX_ROUNDS} rounds")]
+    TooManyRounds,
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("stale range {start}+{len} is outside the VM's {page_count} pages")]
+    BadRange {
+        start: u64,
+        len: u64,
+        page_count: u64,
+    },
+    #[error("complete signature: {0}")]
+    CompleteSignature(VerifyError),
+    #[error("complete does not match this transfer: {0}")]
+    CompleteMismatch(&'static str),
+    #[error("complete arrived with {0} pages still missing")]
+    PagesMissing(u64),
+    #[error("memory root mismatch: source says {claimed:?}, received memory hashes to {actual:?}")]
+    BadRoot { claimed: Hash, actual: Hash },
+}
+
+impl ReceiveError {
+    /// The reason to send back in an `Abort`.
+    pub fn abort_reason(&self) -> AbortReason {
+        match self {
+            ReceiveError::Frame(_) => AbortReason::BadBatch,
+            ReceiveError::BadRoot { .. } | ReceiveError::CompleteSignature(_) => {
+                AbortReason::BadRoot
+            }
+            _ => AbortReason::Protocol,
+        }
+    }
+}
+
+/// Counters of a receiving transfer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReceiveStats {
+    pub rounds: u32,
+    pub pages: u64,
+    pub zero_pages: u64,
+    pub bytes: u64,
+}
+
+/// A bitmap over page numbers.
+#[derive(Debug, Clone)]
+struct Bitmap {
+    words: Vec<u64>,
+    set: u64,
+}
+
+impl Bitmap {
+    fn new(bits: u64) -> Self {
+        Self {
+            words: vec![0; bits.div_ceil(64) as usize],
+            set: 0,
+        }
+    }
+    fn get(&self, i: u64) -> bool {
+        self.words[(i / 64) as usize] & (1 << (i % 64)) != 0
+    }
+    fn insert(&mut self, i: u64) {
+        let w = &mut self.words[(i / 64) as usize];
+        if *w & (1 << (i % 64)) == 0 {
+            *w |= 1 << (i % 64);
+            self.set += 1;
+        }
+    }
+    fn remove(&mut self, i: u64) -> bool {
+        let w = &mut self.words[(i / 64) as usize];
+        let was = *w & (1 << (i % 64)) != 0;
+        *w &= !(1 << (i % 64));
+        self.set -= was as u64;
+        was
+    }
+}
+
+/// The target side of one transfer.
+#[derive(Debug, Clone)]
+pub struct Receiver {
+    accepted: Accepted,
+    phase: Phase,
+    round: u32,
+    leaves: Vec<Hash>,
+    /// Post-copy: pages whose switchover version has not arrived.
+    missing: Option<Bitmap>,
+    device: Option<Hash>,
+    stats: ReceiveStats,
+}
+
+impl Receiver {
+    /// A receiver for an accepted offer. `page_count` must already be within the target's
+    /// admission limits (it sizes the leaf table: 32 bytes per page).
+    pub fn new(accepted: Accepted) -> Self {
+        let leaves = vec![zero_leaf(); accepted.page_count as usize];
+        Self {
+            accepted,
+            phase: Phase::AwaitStart,
+            round: 0,
+            leaves,
+            missing: None,
+            device: None,
+            stats: ReceiveStats::default(),
+        }
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> ReceiveStats {
+        self.stats
+    }
+
+    /// Post-copy: whether page `pfn` has not arrived yet (the VM must wait for it).
+    pub fn is_missing(&self, pfn: u64) -> bool {
+        self.missing
+            .as_ref()
+            .is_some_and(|m| pfn < self.accepted.page_count && m.get(pfn))
+    }
+
+    /// Post-copy: how many pages have not arrived yet.
+    pub fn missing_count(&self) -> u64 {
+        self.missing.as_ref().map_or(0, |m| m.set)
+    }
+
+    fn out_of_order(&self, frame: &'static str) -> ReceiveError {
+        ReceiveError::OutOfOrder {
+            frame,
+            phase: self.phase,
+        }
+    }
+
+    fn check_id(&self, id: &MigrationId) -> Result<(), ReceiveError> {
+        if id != &self.accepted.id {
+            return Err(ReceiveError::WrongId {
+                expected: self.accepted.id,
+                got: *id,
+            });
+        }
+        Ok(())
+    }
+
+    /// Takes one frame from the source. After an error the transfer is over: send `Abort`
+    /// with [`ReceiveError::abort_reason`] and discard the incoming VM.
+    pub fn on_frame<'a>(&mut self, frame: &'a TransferFrame) -> Result<Step<'a>, ReceiveError> {
+        let result = self.step(frame);
+        if result.is_err() {
+            self.phase = Phase::Aborted;
+        }
+        result
+    }
+
+    fn step<'a>(&mut self, frame: &'a TransferFrame) -> Result<Step<'a>, ReceiveError> {
+        use Phase::*;
+        match (self.phase, frame) {
+            (AwaitStart, TransferFrame::Start(s)) => {
+                self.check_id(&s.id)?;
+                let a = &self.accepted;
+                if s.offer != a.offer {
+                    return Err(ReceiveError::StartMismatch("offer hash"));
+                }
+                if s.mode != a.mode {
+                    return Err(ReceiveError::StartMismatch("mode"));
+                }
+                if s.page_size as usize != PAGE_SIZE {
+                    return Err(ReceiveError::StartMismatch("page size"));
+                }
+                if s.page_count != a.page_count {
+                    return Err(ReceiveError::StartMismatch("page count"));
+                }
+                self.phase = Copying;
+                Ok(Step::Continue)
+            }
+            (Copying, TransferFrame::Pages(batch)) => {
+                self.expect_round(batch)?;
+                let leaves = batch.checked_leaves(self.accepted.page_count)?;
+                let mut writes = Vec::with_capacity(leaves.len());
+                for ((pfn, data), leaf) in batch.pages().zip(leaves) {
+                    self.leaves[pfn as usize] = leaf;
+                    self.count(data);
+                    writes.push((pfn, data));
+                }
+                Ok(Step::WritePages(writes))
+            }
+            (Copying, TransferFrame::RoundEnd(r)) => {
+                if r.round != self.round {
+                    return Err(ReceiveError::WrongRound {
+                        expected: self.round,
+                        got: r.round,
+                    });
+                }
+                self.round += 1;
+                self.stats.rounds = self.round;
+                if self.round >= MAX_ROUNDS {
+                    return Err(ReceiveError::TooManyRounds);
+                }
+                Ok(Step::Continue)
+            }
+            (Copying | Switching, TransferFrame::Stale(stale))
+                if self.accepted.mode != Mode::PreCopy =>
+            {
+                let page_count = self.accepted.page_count;
+                let missing = self.missing.get_or_insert_with(|| Bitmap::new(page_count));
+                for &(start, len) in &stale.ranges {
+                    let end = start.checked_add(len).filter(|&e| e <= page_count);
+                    let Some(end) = end else {
+                        return Err(ReceiveError::BadRange {
+                            start,
+                            len,
+                            page_count,
+                        });
+                    };
+                    for pfn in start..end {
+                        missing.insert(pfn);
+                    }
+                }
+                self.phase = Switching;
+                Ok(Step::Continue)
+            }
+            (Copying | Switching, TransferFrame::DeviceState(d)) => {
+                d.check()?;
+                self.device = Some(d.hash);
+                if self.accepted.mode == Mode::PreCopy {
+                    self.phase = AwaitComplete;
+                    Ok(Step::LoadDevice(&d.bytes))
+                } else {
+                    self.missing
+                        .get_or_insert_with(|| Bitmap::new(self.accepted.page_count));
+                    self.phase = PostCopy;
+                    Ok(Step::LoadDeviceAndResume(&d.bytes))
+                }
+            }
+            (PostCopy, TransferFrame::Pages(batch)) => {
+                let leaves = batch.checked_leaves(self.accepted.page_count)?;
+                let missing = self.missing.as_mut().expect("post-copy has a missing set");
+                let mut writes = Vec::new();
+                for ((pfn, data), leaf) in batch.pages().zip(leaves) {
+                    // Only the first copy of a missing page counts: the VM may already have
+                    // changed a page it holds, and a duplicate must not undo that.
+                    if missing.remove(pfn) {
+                        self.leaves[pfn as usize] = leaf;
+                        self.stats.pages += 1;
+                        match data {
+                            Some(d) => self.stats.bytes += d.len() as u64,
+                            None => self.stats.zero_pages += 1,
+                        }
+                        writes.push((pfn, data));
+                    }
+                }
+                Ok(Step::WritePages(writes))
+            }
+            (AwaitComplete | PostCopy, TransferFrame::Complete(signed)) => {
+                let c = signed
+                    .verify_by(&self.accepted.source)
+                    .map_err(ReceiveError::CompleteSignature)?;
+                self.check_id(&c.id)?;
+                if c.offer != self.accepted.offer {
+                    return Err(ReceiveError::CompleteMismatch("offer hash"));
+                }
+                if c.page_count != self.accepted.page_count {
+                    return Err(ReceiveError::CompleteMismatch("page count"));
+                }
+                if self.missing_count() > 0 {
+                    return Err(ReceiveError::PagesMissing(self.missing_count()));
+                }
+                let device = self.device.expect("device state precedes these phases");
+                let actual = memory_root(&self.leaves, &device);
+                if actual != c.root {
+                    return Err(ReceiveError::BadRoot {
+                        claimed: c.root,
+                        actual,
+                    });
+                }
+                self.phase = Verified;
+                Ok(Step::Verified { root: actual })
+            }
+            (
+                AwaitStart | Copying | Switching | AwaitComplete,
+                TransferFrame::Abort(Abort { id, reason }),
+            ) => {
+                self.check_id(id)?;
+                self.phase = Aborted;
+                Ok(Step::Aborted(reason.clone()))
+            }
+            (_, f) => Err(self.out_of_order(frame_name(f))),
+        }
+    }
+
+    fn expect_round(&self, batch: &PageBatch) -> Result<(), ReceiveError> {
+        if batch.round != self.round {
+            return Err(ReceiveError::WrongRound {
+                expected: self.round,
+                got: batch.round,
+            });
+        }
+        Ok(())
+    }
+
+    fn count(&mut self, data: Option<&[u8]>) {
+        self.stats.pages += 1;
+        match data {
+            Some(d) => self.stats.bytes += d.len() as u64,
+            None => self.stats.zero_pages += 1,
+        }
+    }
+}
+
+/// The name of a frame, for errors and logs.
+pub fn frame_name(f: &TransferFrame) -> &'static str {
+    match f {
+        TransferFrame::Start(_) => "Start",
+        TransferFrame::Pages(_) => "Pages",
+        TransferFrame::RoundEnd(_) => "RoundEnd",
+        TransferFrame::DeviceState(_) => "DeviceState",
+        TransferFrame::Complete(_) => "Complete",
+        TransferFrame::Commit(_) => "Commit",
+        TransferFrame::Abort(_) => "Abort",
+        TransferFrame::PageRequest(_) => "PageRequest",
+        TransferFrame::Stale(_) => "Stale",
+    }
+}
