@@ -12,11 +12,12 @@ use std::sync::Arc;
 
 use drift_protocol::report::Freshness;
 use drift_protocol::roster::{self, RosterError};
-use drift_protocol::{Roster, Signed};
+use drift_protocol::{AuditEvent, Roster, Signed};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
+use crate::audit::AuditLog;
 use crate::config::Config;
 use crate::identity::{read_key, read_signed_roster, FileError};
 use crate::mesh::{self, Client, MeshConfig, MeshError};
@@ -43,6 +44,8 @@ pub enum StartError {
     NotAMember { id: String, epoch: u64 },
     #[error("{0}")]
     Monitor(String),
+    #[error("{0}; move the audit log aside to start a new one")]
+    Audit(#[from] crate::audit::AuditError),
     #[error(transparent)]
     Mesh(#[from] MeshError),
     #[error(transparent)]
@@ -126,15 +129,24 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let epoch = roster.epoch;
     let members = roster.members.len();
     let table = Table::new(config.gossip.suspect_after, config.gossip.gone_after);
+    let audit = AuditLog::open(&state_dir, key.clone())?;
+    let roster_hash = signed.hash();
     let state = Arc::new(NodeState::new(
         me,
         config.node.admin,
         config.node.insecure_open,
         state_dir,
-        signed,
-        roster,
+        (signed, roster),
         table,
+        audit,
     ));
+    state.audit(AuditEvent::NodeStarted {
+        roster_epoch: epoch,
+    });
+    state.audit(AuditEvent::RosterAdopted {
+        epoch,
+        hash: roster_hash,
+    });
     let cancel = CancellationToken::new();
     let mut tasks = JoinSet::new();
 

@@ -13,6 +13,7 @@ use drift_protocol::report::Rejection;
 use drift_protocol::roster::{self, Announcement, MAX_ANNOUNCED_EPOCHS};
 use drift_protocol::{NodeId, Roster, Signed, Timestamp};
 
+use crate::audit::AuditLog;
 use crate::durable::Overwrite;
 use crate::identity::write_signed_roster;
 use crate::table::Table;
@@ -83,6 +84,7 @@ pub struct NodeState {
     pub state_dir: PathBuf,
     roster: RwLock<RosterState>,
     table: Mutex<Table>,
+    audit: Mutex<AuditLog>,
     pub counters: Counters,
 }
 
@@ -93,9 +95,9 @@ impl NodeState {
         admin: NodeId,
         insecure_open: bool,
         state_dir: PathBuf,
-        signed: Signed<Roster>,
-        roster: Roster,
+        (signed, roster): (Signed<Roster>, Roster),
         table: Table,
+        audit: AuditLog,
     ) -> Self {
         Self {
             me,
@@ -109,6 +111,7 @@ impl NodeState {
                 roster,
             }),
             table: Mutex::new(table),
+            audit: Mutex::new(audit),
             counters: Counters::default(),
         }
     }
@@ -121,6 +124,15 @@ impl NodeState {
     /// The peer table.
     pub fn table(&self) -> MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends an event to the node's audit log. A failure to write is logged loudly; the node
+    /// keeps running (its peers keep their own records).
+    pub fn audit(&self, event: drift_protocol::AuditEvent) {
+        let mut log = self.audit.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = log.append(event) {
+            tracing::error!(error = %e, "could not write the audit log");
+        }
     }
 
     /// The path of the adopted roster in the state directory.
@@ -156,6 +168,10 @@ impl NodeState {
         guard.chain.extend(walked.into_iter().map(|(s, _)| s));
         let excess = guard.chain.len().saturating_sub(MAX_ANNOUNCED_EPOCHS);
         guard.chain.drain(..excess);
+        self.audit(drift_protocol::AuditEvent::RosterAdopted {
+            epoch: next.epoch,
+            hash: signed.hash(),
+        });
         guard.signed = signed;
         guard.roster = next;
         self.table().retain_members(&guard.roster);

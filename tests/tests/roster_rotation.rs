@@ -88,4 +88,33 @@ fn next_epoch_spreads_and_revoked_member_is_cut_off() {
     // The adopted roster survives a restart.
     let adopted = c.nodes[1].node.dir.join("state/roster.current");
     assert!(adopted.exists());
+
+    // Both nodes' audit logs record the adoption, verify, and name an edited record.
+    let config = |i: usize| c.nodes[i].node.config.to_str().unwrap().to_string();
+    for i in 0..2 {
+        let shown = drift_ok(&["audit", "show", "--config", &config(i)]);
+        assert!(shown.contains("roster epoch 2 adopted"), "{shown}");
+        let ok = drift_ok(&["audit", "verify", "--config", &config(i)]);
+        assert!(
+            ok.starts_with("ok: ") && ok.contains("matches the anchor"),
+            "{ok}"
+        );
+    }
+    let log = c.nodes[1].node.dir.join("state/audit.log");
+    let mut bytes = std::fs::read(&log).unwrap();
+    let last = bytes.len() - 10;
+    bytes[last] ^= 0x01;
+    let copy = dir.join("audit.tampered");
+    std::fs::write(&copy, &bytes).unwrap();
+    let out = drift(&[
+        "audit",
+        "verify",
+        "--file",
+        copy.to_str().unwrap(),
+        "--node",
+        &c.nodes[1].node.id.to_string(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("record "), "{err}");
 }

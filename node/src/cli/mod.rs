@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod audit;
 mod bench;
 mod daemon;
 mod keys;
@@ -45,6 +46,9 @@ pub enum Command {
     Table(daemon::TableArgs),
     /// Run a whole cluster on this machine.
     Testnet(crate::testnet::TestnetArgs),
+    /// Read and verify the node's signed, hash-chained audit log.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
     /// Benchmarks that print figures next to a baseline.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -76,5 +80,15 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Table(args) => daemon::table(args),
         Command::Testnet(args) => crate::testnet::run(args),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Audit(cmd) => audit::run(cmd),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }
