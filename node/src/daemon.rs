@@ -130,15 +130,20 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let members = roster.members.len();
     let table = Table::new(config.gossip.suspect_after, config.gossip.gone_after);
     let audit = AuditLog::open(&state_dir, key.clone())?;
+    let exe = std::env::current_exe().map_err(|source| StartError::StateDir {
+        path: PathBuf::from("/proc/self/exe"),
+        source,
+    })?;
+    let vms = crate::hypervisor::Sandbox::new(state_dir.join("vms"), exe);
+    vms.scan();
     let roster_hash = signed.hash();
     let state = Arc::new(NodeState::new(
         me,
-        config.node.admin,
-        config.node.insecure_open,
-        state_dir,
+        &config.node,
         (signed, roster),
         table,
         audit,
+        vms,
     ));
     state.audit(AuditEvent::NodeStarted {
         roster_epoch: epoch,

@@ -19,6 +19,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod durable;
+pub mod hypervisor;
 pub mod identity;
 pub mod mesh;
 pub mod monitor;

@@ -264,7 +264,10 @@ pub async fn run(
         }
         let sample = monitor.sample();
         let epoch = state.roster().roster.epoch;
-        let report = build_report(state.me, seq, crate::clock::now(), epoch, &sample);
+        let mut report = build_report(state.me, seq, crate::clock::now(), epoch, &sample);
+        let (vm_count, vm_demand) = state.vms.summary();
+        report.vm_count = vm_count;
+        report.vm_demand_permille = vm_demand.min(drift_protocol::report::MAX_DEMAND_PERMILLE);
         seq = report.seq;
         let frame = encode_frame(&Signed::sign(&report, &key));
         state.table().insert(report, Instant::now());

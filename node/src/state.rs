@@ -86,25 +86,26 @@ pub struct NodeState {
     table: Mutex<Table>,
     audit: Mutex<AuditLog>,
     pub counters: Counters,
+    /// The node's VMs.
+    pub vms: crate::hypervisor::Sandbox,
 }
 
 impl NodeState {
-    /// New state around a verified roster.
+    /// New state around a verified roster, for the node `me` configured by `node`.
     pub fn new(
         me: NodeId,
-        admin: NodeId,
-        insecure_open: bool,
-        state_dir: PathBuf,
+        node: &crate::config::NodeSection,
         (signed, roster): (Signed<Roster>, Roster),
         table: Table,
         audit: AuditLog,
+        vms: crate::hypervisor::Sandbox,
     ) -> Self {
         Self {
             me,
-            admin,
+            admin: node.admin,
             started: Instant::now(),
-            insecure_open,
-            state_dir,
+            insecure_open: node.insecure_open,
+            state_dir: node.state_dir.clone(),
             roster: RwLock::new(RosterState {
                 chain: vec![signed.clone()],
                 signed,
@@ -113,6 +114,7 @@ impl NodeState {
             table: Mutex::new(table),
             audit: Mutex::new(audit),
             counters: Counters::default(),
+            vms,
         }
     }
 

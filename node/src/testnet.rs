@@ -60,6 +60,51 @@ pub struct TestnetArgs {
     /// Only write keys, roster and configs; start nothing.
     #[arg(long)]
     pub generate_only: bool,
+    /// Sandbox VMs to start on every node once the cluster has converged.
+    #[arg(long, default_value_t = 0)]
+    pub vms_per_node: usize,
+    /// Memory of each testnet VM.
+    #[arg(long, default_value_t = 64)]
+    pub vm_memory_mib: u64,
+}
+
+/// Starts `per_node` VMs on every node (skipping names that already exist).
+async fn start_vms(nodes: &[TestnetNode], per_node: usize, memory_mib: u64) -> anyhow::Result<()> {
+    for (i, n) in nodes.iter().enumerate() {
+        let existing: crate::control::VmsView = client::get(&n.socket, "/v1/vms").await?;
+        for k in 0..per_node {
+            let name = format!("vm-{}-{}", i + 1, k + 1);
+            if existing.vms.iter().any(|v| v.name == name) {
+                continue;
+            }
+            let req = crate::control::CreateVm {
+                name,
+                memory_mib,
+                vcpus: 1,
+                // 5% to 25% of a host each.
+                demand: 0.05 + 0.2 * ((i * per_node + k) % 5) as f64 / 4.0,
+                dirty_mib_per_s: 2.0,
+                jurisdictions: Vec::new(),
+                regions: Vec::new(),
+                anti_affinity: None,
+            };
+            let _: crate::hypervisor::VmView =
+                client::post(&n.socket, "/v1/vms", serde_json::to_vec(&req)?).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Destroys every VM of every node that answers.
+async fn destroy_vms(nodes: &[TestnetNode]) {
+    for n in nodes {
+        if let Ok(v) = client::get::<crate::control::VmsView>(&n.socket, "/v1/vms").await {
+            for vm in v.vms {
+                let path = format!("/v1/vms/{}", vm.id);
+                let _ = client::delete::<serde_json::Value>(&n.socket, &path).await;
+            }
+        }
+    }
 }
 
 /// One node of a generated testnet.
@@ -371,7 +416,20 @@ pub(crate) fn run(args: TestnetArgs) -> anyhow::Result<ExitCode> {
             started.elapsed().as_secs_f64()
         );
         print!("{}", crate::cli::render_table(&table));
+        if args.vms_per_node > 0 {
+            if let Err(e) = start_vms(&nodes, args.vms_per_node, args.vm_memory_mib).await {
+                eprintln!("could not start the testnet's VMs: {e:#}");
+                destroy_vms(&nodes).await;
+                reap(&mut children).await;
+                return Ok(ExitCode::FAILURE);
+            }
+            println!(
+                "\nstarted {} sandbox VMs per node (drift vms --socket ...)",
+                args.vms_per_node
+            );
+        }
         if args.check {
+            destroy_vms(&nodes).await;
             reap(&mut children).await;
             return Ok(ExitCode::SUCCESS);
         }
@@ -387,7 +445,8 @@ pub(crate) fn run(args: TestnetArgs) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             }
         };
-        eprintln!("stopping {} nodes...", children.len());
+        eprintln!("stopping {} nodes and their VMs...", children.len());
+        destroy_vms(&nodes).await;
         reap(&mut children).await;
         eprintln!("stopped; {} is ready for the next run", dir.display());
         Ok(code)

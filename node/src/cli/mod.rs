@@ -10,6 +10,7 @@ mod daemon;
 mod keys;
 mod roster;
 mod table;
+mod vm;
 
 pub(crate) use daemon::{render_table, runtime as daemon_runtime};
 
@@ -46,6 +47,14 @@ pub enum Command {
     Table(daemon::TableArgs),
     /// Run a whole cluster on this machine.
     Testnet(crate::testnet::TestnetArgs),
+    /// List the node's VMs.
+    Vms(vm::VmsArgs),
+    /// Manage the node's VMs.
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
+    /// Run one sandbox VM (started by the node; not for direct use).
+    #[command(hide = true)]
+    Vmm(vm::VmmArgs),
     /// Read and verify the node's signed, hash-chained audit log.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -81,6 +90,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Testnet(args) => crate::testnet::run(args),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Audit(cmd) => audit::run(cmd),
+        Command::Vms(args) => vm::vms(args),
+        Command::Vm(cmd) => vm::run(cmd),
+        Command::Vmm(args) => vm::vmm(args),
     }
 }
 

@@ -79,6 +79,17 @@ pub async fn get<T: DeserializeOwned>(socket: &Path, path: &str) -> Result<T, Cl
     Ok(serde_json::from_slice(&body)?)
 }
 
+/// `DELETE path`, parsed as `T`.
+pub async fn delete<T: DeserializeOwned>(socket: &Path, path: &str) -> Result<T, ClientError> {
+    let req = Request::delete(path)
+        .header("host", "drift")
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| ClientError::Http(e.to_string()))?;
+    let (status, body) = call(socket, req).await?;
+    check(status, &body)?;
+    Ok(serde_json::from_slice(&body)?)
+}
+
 /// `POST path` with a binary body, parsed as `T`.
 pub async fn post<T: DeserializeOwned>(
     socket: &Path,

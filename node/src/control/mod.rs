@@ -10,6 +10,10 @@
 //! | GET | `/v1/peers` | connected peers |
 //! | GET | `/v1/table` | the peer load table, one row per roster host |
 //! | POST | `/v1/roster` | a signed roster (codec frame) to adopt and announce |
+//! | GET | `/v1/vms` | the node's VMs |
+//! | POST | `/v1/vms` | start a sandbox VM (`CreateVm`) |
+//! | POST | `/v1/vms/{vm}/verify` | check a VM's memory page by page |
+//! | DELETE | `/v1/vms/{vm}` | stop and delete a VM |
 
 pub mod client;
 pub mod server;
@@ -71,6 +75,46 @@ pub struct RosterPushView {
     pub version: u32,
     pub adopted: bool,
     pub epoch: u64,
+}
+
+/// `GET /v1/vms`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmsView {
+    pub version: u32,
+    /// This node's roster name.
+    pub host: String,
+    pub vms: Vec<crate::hypervisor::VmView>,
+}
+
+/// `POST /v1/vms`: a sandbox VM to start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    pub name: String,
+    pub memory_mib: u64,
+    #[serde(default = "one")]
+    pub vcpus: u32,
+    /// CPU demand, fraction of the host (0.0 to 1.0).
+    pub demand: f64,
+    #[serde(default)]
+    pub dirty_mib_per_s: f64,
+    #[serde(default)]
+    pub jurisdictions: Vec<String>,
+    #[serde(default)]
+    pub regions: Vec<String>,
+    #[serde(default)]
+    pub anti_affinity: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// `POST /v1/vms/{vm}/verify`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VerifyView {
+    pub version: u32,
+    pub report: crate::hypervisor::guest::VerifyReport,
 }
 
 /// An error body.

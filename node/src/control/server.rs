@@ -17,7 +17,11 @@ use drift_protocol::{Roster, Signed};
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
-use super::{ErrorView, PeersView, RosterPushView, StatusView, TableView, API_VERSION};
+use super::{
+    CreateVm, ErrorView, PeersView, RosterPushView, StatusView, TableView, VerifyView, VmsView,
+    API_VERSION,
+};
+use crate::hypervisor::{HypervisorError, VmSpec};
 use crate::mesh::{Client, MAX_GOSSIP_MESSAGE};
 use crate::state::NodeState;
 use crate::table::Liveness;
@@ -79,6 +83,9 @@ pub async fn bind(
         .route("/v1/peers", get(peers))
         .route("/v1/table", get(table))
         .route("/v1/roster", post(push_roster))
+        .route("/v1/vms", get(list_vms).post(create_vm))
+        .route("/v1/vms/{vm}/verify", post(verify_vm))
+        .route("/v1/vms/{vm}", axum::routing::delete(destroy_vm))
         .layer(DefaultBodyLimit::max(MAX_GOSSIP_MESSAGE))
         .with_state(App { state, mesh });
     let path = path.to_owned();
@@ -195,5 +202,90 @@ async fn push_roster(State(app): State<App>, body: Bytes) -> Response {
             StatusCode::UNPROCESSABLE_ENTITY,
             format!("roster refused: {e}"),
         ),
+    }
+}
+
+fn vm_error(e: HypervisorError) -> Response {
+    let status = match e {
+        HypervisorError::NoSuchVm(_) => StatusCode::NOT_FOUND,
+        HypervisorError::NameTaken(_) => StatusCode::CONFLICT,
+        HypervisorError::Invalid(_) | HypervisorError::TooMany => StatusCode::UNPROCESSABLE_ENTITY,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, e.to_string())
+}
+
+async fn list_vms(State(app): State<App>) -> Response {
+    let host = {
+        let roster = app.state.roster();
+        roster
+            .roster
+            .member(&app.state.me)
+            .map(|m| m.name.clone())
+            .unwrap_or_else(|| app.state.me.short())
+    };
+    Json(VmsView {
+        version: API_VERSION,
+        host,
+        vms: app.state.vms.list().await,
+    })
+    .into_response()
+}
+
+async fn create_vm(State(app): State<App>, body: Bytes) -> Response {
+    let req: CreateVm = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad VM request: {e}")),
+    };
+    if !(0.0..=1.0).contains(&req.demand) || !(0.0..=1024.0).contains(&req.dirty_mib_per_s) {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "demand must be 0.0 to 1.0 and dirty_mib_per_s 0 to 1024",
+        );
+    }
+    let spec = VmSpec {
+        id: drift_protocol::VmId::random(&mut rand_core::OsRng),
+        name: req.name,
+        memory_mib: req.memory_mib,
+        vcpus: req.vcpus.max(1),
+        demand_permille: (req.demand * 1000.0).round() as u32,
+        dirty_pages_per_s: (req.dirty_mib_per_s * 256.0).round() as u64,
+        placement: drift_protocol::migration::Placement {
+            jurisdictions: req.jurisdictions,
+            regions: req.regions,
+            anti_affinity: req.anti_affinity,
+        },
+        seed: rand_core::RngCore::next_u64(&mut rand_core::OsRng) >> 1,
+        incoming: false,
+    };
+    match app.state.vms.create(spec).await {
+        Ok(vm) => Json(vm).into_response(),
+        Err(e) => vm_error(e),
+    }
+}
+
+async fn verify_vm(
+    State(app): State<App>,
+    axum::extract::Path(vm): axum::extract::Path<String>,
+) -> Response {
+    match app.state.vms.verify(&vm).await {
+        Ok(report) => Json(VerifyView {
+            version: API_VERSION,
+            report,
+        })
+        .into_response(),
+        Err(e) => vm_error(e),
+    }
+}
+
+async fn destroy_vm(
+    State(app): State<App>,
+    axum::extract::Path(vm): axum::extract::Path<String>,
+) -> Response {
+    match app.state.vms.destroy(&vm).await {
+        Ok(()) => {
+            Json(serde_json::json!({ "version": API_VERSION, "destroyed": vm })).into_response()
+        }
+        Err(e) => vm_error(e),
     }
 }

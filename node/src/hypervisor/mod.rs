@@ -1,0 +1,365 @@
+//! Hypervisor backends. The built-in one is the **sandbox**: synthetic VMs, each in its own
+//! `drift vmm` process (see [`vmm`]), with memory a workload keeps rewriting and a verifier
+//! that checks it page by page (see [`guest`]). It is the correctness oracle of migration and
+//! needs no setup.
+//!
+//! Each VM lives in `<state_dir>/vms/<vm id>/`: `vm.toml` (its spec), `vmm.sock` (the VMM's
+//! socket), `vmm.log`. The node finds its VMs by listing that directory, so VMs outlive node
+//! restarts.
+
+pub mod guest;
+pub mod vmm;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use drift_protocol::codec::{decode_payload, encode_frame, parse_header, HEADER_LEN};
+use drift_protocol::migration::Placement;
+use drift_protocol::VmId;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+use crate::durable::{write_atomic, Overwrite};
+use guest::VerifyReport;
+use vmm::{Request, Response, VmmInfo, MAX_VMM_FRAME};
+
+/// The spec file in a VM's directory.
+pub const SPEC_FILE: &str = "vm.toml";
+/// The VMM socket in a VM's directory.
+pub const SOCKET_FILE: &str = "vmm.sock";
+/// At most this many VMs per node.
+pub const MAX_VMS: usize = 256;
+/// Largest sandbox VM.
+pub const MAX_MEMORY_MIB: u64 = 64 * 1024;
+
+/// What a VM is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    pub id: VmId,
+    pub name: String,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+    /// CPU demand, permille of the host's capacity.
+    pub demand_permille: u32,
+    /// Pages the workload rewrites per second.
+    pub dirty_pages_per_s: u64,
+    #[serde(default)]
+    pub placement: Placement,
+    /// Seeds page contents (and the canary). At most `i64::MAX` (TOML integers are signed).
+    pub seed: u64,
+    /// Created empty and paused, to receive a migration.
+    #[serde(default)]
+    pub incoming: bool,
+}
+
+/// Whether the VM runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    Running,
+    Paused,
+    /// Waiting for a migration's memory.
+    Incoming,
+    /// The VMM is gone (crashed or killed).
+    Lost,
+}
+
+impl std::fmt::Display for RunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::Incoming => "incoming",
+            RunState::Lost => "lost",
+        })
+    }
+}
+
+/// One VM as `drift vms` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmView {
+    pub id: VmId,
+    pub name: String,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+    pub demand_permille: u32,
+    pub state: RunState,
+    pub pid: Option<u32>,
+    pub writes: u64,
+    pub placement: Placement,
+}
+
+/// What went wrong with a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    #[error("no VM named or numbered {0:?} on this node")]
+    NoSuchVm(String),
+    #[error("a VM named {0:?} already exists on this node")]
+    NameTaken(String),
+    #[error("invalid VM: {0}")]
+    Invalid(String),
+    #[error("this node already runs {MAX_VMS} VMs")]
+    TooMany,
+    #[error("VMM of {vm}: {message}")]
+    Vmm { vm: String, message: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The sandbox backend of one node.
+#[derive(Debug)]
+pub struct Sandbox {
+    dir: PathBuf,
+    exe: PathBuf,
+    known: Mutex<BTreeMap<VmId, VmSpec>>,
+}
+
+async fn call(sock: &Path, req: &Request) -> std::io::Result<Response> {
+    let mut stream = tokio::time::timeout(Duration::from_secs(5), UnixStream::connect(sock))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    let exchange = async {
+        stream.write_all(&encode_frame(req)).await?;
+        let mut header = [0u8; HEADER_LEN];
+        stream.read_exact(&mut header).await?;
+        let len = parse_header(header, MAX_VMM_FRAME)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        let mut payload = vec![0u8; len];
+        stream.read_exact(&mut payload).await?;
+        decode_payload::<Response>(&payload)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    };
+    tokio::time::timeout(Duration::from_secs(30), exchange)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "VMM did not answer"))?
+}
+
+impl Sandbox {
+    /// The sandbox of a node whose VMs live in `dir`; `exe` is the `drift` binary that runs
+    /// `drift vmm`.
+    pub fn new(dir: PathBuf, exe: PathBuf) -> Self {
+        Self {
+            dir,
+            exe,
+            known: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, BTreeMap<VmId, VmSpec>> {
+        self.known.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn vm_dir(&self, id: &VmId) -> PathBuf {
+        self.dir.join(id.to_string())
+    }
+
+    /// Reads the specs of every VM directory (after a restart).
+    pub fn scan(&self) {
+        let mut found = BTreeMap::new();
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.flatten().take(MAX_VMS) {
+                let spec = std::fs::read_to_string(e.path().join(SPEC_FILE))
+                    .ok()
+                    .and_then(|t| toml::from_str::<VmSpec>(&t).ok());
+                if let Some(spec) = spec {
+                    found.insert(spec.id, spec);
+                }
+            }
+        }
+        *self.known() = found;
+    }
+
+    /// VM count and total demand (permille) of the VMs this node holds.
+    pub fn summary(&self) -> (u32, u32) {
+        let known = self.known();
+        let demand = known.values().map(|s| s.demand_permille).sum();
+        (known.len() as u32, demand)
+    }
+
+    /// Finds a VM by name or id.
+    pub fn find(&self, name_or_id: &str) -> Result<VmSpec, HypervisorError> {
+        let known = self.known();
+        known
+            .values()
+            .find(|s| s.name == name_or_id || s.id.to_string() == name_or_id)
+            .cloned()
+            .ok_or_else(|| HypervisorError::NoSuchVm(name_or_id.to_string()))
+    }
+
+    async fn ask(&self, spec: &VmSpec, req: Request) -> Result<Response, HypervisorError> {
+        let sock = self.vm_dir(&spec.id).join(SOCKET_FILE);
+        match call(&sock, &req).await {
+            Ok(Response::Error(message)) => Err(HypervisorError::Vmm {
+                vm: spec.name.clone(),
+                message,
+            }),
+            Ok(r) => Ok(r),
+            Err(e) => Err(HypervisorError::Vmm {
+                vm: spec.name.clone(),
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    /// Starts a VM's VMM process and waits until it answers.
+    pub async fn create(&self, spec: VmSpec) -> Result<VmView, HypervisorError> {
+        if !drift_protocol::roster::valid_name(&spec.name) {
+            return Err(HypervisorError::Invalid(format!(
+                "name {:?}: use 1 to 64 of [A-Za-z0-9._-]",
+                spec.name
+            )));
+        }
+        if spec.memory_mib == 0 || spec.memory_mib > MAX_MEMORY_MIB {
+            return Err(HypervisorError::Invalid(format!(
+                "memory_mib must be 1 to {MAX_MEMORY_MIB}"
+            )));
+        }
+        {
+            let known = self.known();
+            if known.len() >= MAX_VMS {
+                return Err(HypervisorError::TooMany);
+            }
+            if known.values().any(|s| s.name == spec.name) {
+                return Err(HypervisorError::NameTaken(spec.name));
+            }
+        }
+        let text = toml::to_string(&spec).map_err(|e| HypervisorError::Invalid(e.to_string()))?;
+        let dir = self.vm_dir(&spec.id);
+        let started = self.spawn(&dir, &text);
+        if let Err(e) = started {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        self.known().insert(spec.id, spec.clone());
+        for _ in 0..200 {
+            if let Ok(Response::Info(info)) = self.ask(&spec, Request::Info).await {
+                return Ok(view(info));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        self.known().remove(&spec.id);
+        let _ = std::fs::remove_dir_all(&dir);
+        Err(HypervisorError::Vmm {
+            vm: spec.name,
+            message: "did not start within 5s (see its vmm.log)".into(),
+        })
+    }
+
+    /// Writes the VM's directory and starts its VMM.
+    fn spawn(&self, dir: &Path, spec_text: &str) -> Result<(), HypervisorError> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| HypervisorError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        write_atomic(
+            &dir.join(SPEC_FILE),
+            spec_text.as_bytes(),
+            0o600,
+            Overwrite::Replace,
+        )
+        .map_err(io(dir))?;
+        let log = std::fs::File::create(dir.join("vmm.log")).map_err(io(dir))?;
+        let mut child = tokio::process::Command::new(&self.exe)
+            .arg("vmm")
+            .arg("--dir")
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(io(dir))?)
+            .stderr(log)
+            // Its own process group: signals meant for the node never reach the VM.
+            .process_group(0)
+            .spawn()
+            .map_err(io(&self.exe))?;
+        // Reap the process when it ends, so a destroyed VM leaves no zombie.
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+        Ok(())
+    }
+
+    /// Every VM, with its live state (`lost` when its VMM does not answer).
+    pub async fn list(&self) -> Vec<VmView> {
+        let specs: Vec<VmSpec> = self.known().values().cloned().collect();
+        let mut out = Vec::with_capacity(specs.len());
+        for spec in specs {
+            out.push(match self.ask(&spec, Request::Info).await {
+                Ok(Response::Info(info)) => view(info),
+                _ => VmView {
+                    id: spec.id,
+                    name: spec.name.clone(),
+                    memory_mib: spec.memory_mib,
+                    vcpus: spec.vcpus,
+                    demand_permille: spec.demand_permille,
+                    state: RunState::Lost,
+                    pid: None,
+                    writes: 0,
+                    placement: spec.placement.clone(),
+                },
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Checks the VM's memory page by page.
+    pub async fn verify(&self, name_or_id: &str) -> Result<VerifyReport, HypervisorError> {
+        let spec = self.find(name_or_id)?;
+        match self.ask(&spec, Request::Verify).await? {
+            Response::Verified(r) => Ok(r),
+            other => Err(unexpected(&spec, other)),
+        }
+    }
+
+    /// Pauses or resumes the VM.
+    pub async fn set_running(&self, name_or_id: &str, run: bool) -> Result<(), HypervisorError> {
+        let spec = self.find(name_or_id)?;
+        let req = if run { Request::Resume } else { Request::Pause };
+        match self.ask(&spec, req).await? {
+            Response::Done => Ok(()),
+            other => Err(unexpected(&spec, other)),
+        }
+    }
+
+    /// Stops the VM's VMM and removes its directory.
+    pub async fn destroy(&self, name_or_id: &str) -> Result<(), HypervisorError> {
+        let spec = self.find(name_or_id)?;
+        // A VMM that is already gone is destroyed too; removing the directory stops any
+        // VMM that did not answer.
+        let _ = self.ask(&spec, Request::Destroy).await;
+        let dir = self.vm_dir(&spec.id);
+        std::fs::remove_dir_all(&dir)
+            .map_err(|source| HypervisorError::Io { path: dir, source })?;
+        self.known().remove(&spec.id);
+        Ok(())
+    }
+}
+
+fn unexpected(spec: &VmSpec, r: Response) -> HypervisorError {
+    HypervisorError::Vmm {
+        vm: spec.name.clone(),
+        message: format!("unexpected answer {r:?}"),
+    }
+}
+
+fn view(info: VmmInfo) -> VmView {
+    VmView {
+        id: info.spec.id,
+        name: info.spec.name,
+        memory_mib: info.spec.memory_mib,
+        vcpus: info.spec.vcpus,
+        demand_permille: info.spec.demand_permille,
+        state: info.state,
+        pid: Some(info.pid),
+        writes: info.writes,
+        placement: info.spec.placement,
+    }
+}
