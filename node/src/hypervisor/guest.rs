@@ -78,11 +78,87 @@ pub fn canary_page(seed: u64) -> Vec<u8> {
     page
 }
 
-/// A guest's memory.
+/// A set of page numbers.
+#[derive(Debug, Clone)]
+pub struct PageSet {
+    words: Vec<u64>,
+    len: u64,
+}
+
+impl PageSet {
+    /// An empty set over `pages` pages.
+    pub fn new(pages: u64) -> Self {
+        Self {
+            words: vec![0; pages.div_ceil(64) as usize],
+            len: 0,
+        }
+    }
+
+    /// Whether `pfn` is in the set.
+    pub fn contains(&self, pfn: u64) -> bool {
+        self.words
+            .get((pfn / 64) as usize)
+            .is_some_and(|w| w & (1 << (pfn % 64)) != 0)
+    }
+
+    /// Adds `pfn` (ignored beyond the set's range).
+    pub fn insert(&mut self, pfn: u64) {
+        if let Some(w) = self.words.get_mut((pfn / 64) as usize) {
+            if *w & (1 << (pfn % 64)) == 0 {
+                *w |= 1 << (pfn % 64);
+                self.len += 1;
+            }
+        }
+    }
+
+    /// Removes `pfn`; returns whether it was there.
+    pub fn remove(&mut self, pfn: u64) -> bool {
+        match self.words.get_mut((pfn / 64) as usize) {
+            Some(w) if *w & (1 << (pfn % 64)) != 0 => {
+                *w &= !(1 << (pfn % 64));
+                self.len -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// How many pages are in the set.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Removes and returns up to `max` members, lowest first.
+    pub fn take(&mut self, max: usize) -> Vec<u64> {
+        let mut out = Vec::new();
+        for (i, w) in self.words.iter_mut().enumerate() {
+            while *w != 0 && out.len() < max {
+                let bit = w.trailing_zeros() as u64;
+                *w &= *w - 1;
+                out.push(i as u64 * 64 + bit);
+            }
+            if out.len() == max {
+                break;
+            }
+        }
+        self.len -= out.len() as u64;
+        out
+    }
+}
+
+/// A guest's memory, with the dirty log (pages the guest wrote since the log was last read)
+/// and, for a post-copy target, the pages that have not arrived yet.
 #[derive(Debug, Clone)]
 pub struct Memory {
     bytes: Vec<u8>,
     seed: u64,
+    dirty: Option<PageSet>,
+    missing: Option<PageSet>,
 }
 
 /// What a verification found.
@@ -101,6 +177,8 @@ impl Memory {
         Self {
             bytes: vec![0; pages as usize * PAGE_SIZE],
             seed,
+            dirty: None,
+            missing: None,
         }
     }
 
@@ -135,12 +213,72 @@ impl Memory {
         &mut self.bytes[at..at + PAGE_SIZE]
     }
 
-    /// The workload's write: read the page's generation, write the next one.
-    pub fn touch(&mut self, pfn: u64) {
+    /// The workload's write: read the page's generation, write the next one. Returns `false`
+    /// (and writes nothing) when the page has not arrived yet: the guest must wait for it.
+    pub fn touch(&mut self, pfn: u64) -> bool {
+        if self.missing.as_ref().is_some_and(|m| m.contains(pfn)) {
+            return false;
+        }
         let seed = self.seed;
         let page = self.page_mut(pfn);
         let gen = generation(page) + 1;
         write_page(page, seed, pfn, gen);
+        if let Some(d) = &mut self.dirty {
+            d.insert(pfn);
+        }
+        true
+    }
+
+    /// Starts (or restarts) the dirty log, empty.
+    pub fn start_dirty_log(&mut self) {
+        self.dirty = Some(PageSet::new(self.page_count()));
+    }
+
+    /// Takes up to `max` dirty pages out of the log; with the number still left.
+    pub fn take_dirty(&mut self, max: usize) -> (Vec<u64>, u64) {
+        match &mut self.dirty {
+            Some(d) => {
+                let taken = d.take(max);
+                (taken, d.len())
+            }
+            None => (Vec::new(), 0),
+        }
+    }
+
+    /// Post-copy target: these pages have not arrived; the guest waits on them.
+    pub fn mark_missing(&mut self, ranges: &[(u64, u64)]) {
+        let pages = self.page_count();
+        let missing = self.missing.get_or_insert_with(|| PageSet::new(pages));
+        for &(start, len) in ranges {
+            for pfn in start..start.saturating_add(len).min(pages) {
+                missing.insert(pfn);
+            }
+        }
+    }
+
+    /// How many pages have not arrived.
+    pub fn missing_count(&self) -> u64 {
+        self.missing.as_ref().map_or(0, PageSet::len)
+    }
+
+    /// Stores a page that arrived by migration (`None`: a zero page). Not a guest write: the
+    /// dirty log does not see it.
+    pub fn store(&mut self, pfn: u64, data: Option<&[u8]>) {
+        match data {
+            Some(d) => self.page_mut(pfn).copy_from_slice(d),
+            None => self.page_mut(pfn).fill(0),
+        }
+        if let Some(m) = &mut self.missing {
+            m.remove(pfn);
+        }
+    }
+
+    /// Up to `max` page numbers from `from` on whose pages are not all zero.
+    pub fn nonzero(&self, from: u64, max: usize) -> Vec<u64> {
+        (from..self.page_count())
+            .filter(|&p| self.page(p).iter().any(|&b| b != 0))
+            .take(max)
+            .collect()
     }
 
     /// Checks every page.
@@ -167,6 +305,32 @@ impl Memory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dirty_log_missing_pages_and_stores() {
+        let mut m = Memory::boot(300, 7);
+        m.touch(5);
+        m.start_dirty_log();
+        assert_eq!(m.take_dirty(10), (vec![], 0));
+        for p in [200, 3, 3, 64, 299] {
+            assert!(m.touch(p));
+        }
+        assert_eq!(m.take_dirty(2), (vec![3, 64], 2));
+        assert_eq!(m.take_dirty(10), (vec![200, 299], 0));
+        assert_eq!(m.nonzero(0, 10), vec![1, 3, 5, 64, 200, 299]);
+        assert_eq!(m.nonzero(100, 1), vec![200]);
+
+        let mut t = Memory::zeroed(300, 7);
+        t.mark_missing(&[(3, 2), (298, 10)]);
+        assert_eq!(t.missing_count(), 4);
+        assert!(!t.touch(4), "a missing page must not be written");
+        let page = m.page(3).to_vec();
+        t.store(3, Some(&page));
+        t.store(4, None);
+        assert!(t.touch(4));
+        assert_eq!(t.missing_count(), 2);
+        assert_eq!(t.page(3), m.page(3));
+    }
 
     #[test]
     fn written_pages_verify_and_any_damage_is_caught() {
