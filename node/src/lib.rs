@@ -11,6 +11,7 @@
 //! - [`durable`]: atomic, durable file writes (temp file, fsync, rename, fsync directory), so a
 //!   crash never leaves a half-written key, roster or state file.
 
+pub mod admission;
 pub mod audit;
 pub mod bench;
 pub mod cli;
