@@ -23,6 +23,7 @@ pub mod durable;
 pub mod hypervisor;
 pub mod identity;
 pub mod mesh;
+pub mod migration;
 pub mod monitor;
 pub mod state;
 pub mod table;

@@ -122,7 +122,7 @@ pub struct Sandbox {
     known: Mutex<BTreeMap<VmId, VmSpec>>,
 }
 
-async fn call(sock: &Path, req: &Request) -> std::io::Result<Response> {
+pub(crate) async fn call(sock: &Path, req: &Request) -> std::io::Result<Response> {
     let mut stream = tokio::time::timeout(Duration::from_secs(5), UnixStream::connect(sock))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;

@@ -163,11 +163,11 @@ impl Vmm {
         }
     }
 
-    fn memory(&self) -> std::sync::MutexGuard<'_, Memory> {
+    pub(crate) fn memory(&self) -> std::sync::MutexGuard<'_, Memory> {
         self.memory.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn info(&self) -> VmmInfo {
+    pub(crate) fn info(&self) -> VmmInfo {
         VmmInfo {
             spec: self.spec.clone(),
             state: self.run_state(),

@@ -1,0 +1,35 @@
+//! Transfer frames on an async byte stream: the header is read first and checked against the
+//! limit before the payload is read into a buffer of exactly its length.
+
+use drift_protocol::codec::{
+    decode_payload, encode_frame, parse_header, HEADER_LEN, MAX_FRAME_LEN,
+};
+use drift_protocol::TransferFrame;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Reads one frame; `Ok(None)` on a clean end of stream before a header.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Option<TransferFrame>> {
+    let mut header = [0u8; HEADER_LEN];
+    match r.read_exact(&mut header).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = parse_header(header, MAX_FRAME_LEN)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload).await?;
+    decode_payload(&payload)
+        .map(Some)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// Writes one frame.
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    frame: &TransferFrame,
+) -> std::io::Result<usize> {
+    let bytes = encode_frame(frame);
+    w.write_all(&bytes).await?;
+    Ok(bytes.len())
+}
