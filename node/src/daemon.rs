@@ -180,7 +180,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     tasks.spawn(
         monitor::run(
             monitor,
-            key,
+            key.clone(),
             state.clone(),
             client.clone(),
             config.load.interval,
@@ -189,9 +189,25 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .instrument(span.clone()),
     );
 
+    let migrations =
+        crate::migration::service::Migrations::new(state.clone(), client.clone(), key.clone());
+    let acceptor = migrations.spawn_acceptor(cancel.clone());
+    tasks.spawn(
+        async move {
+            let _ = acceptor.await;
+        }
+        .instrument(span.clone()),
+    );
+
     let socket = config.socket_path();
-    let api =
-        crate::control::server::bind(&socket, state.clone(), client.clone(), cancel.clone()).await;
+    let api = crate::control::server::bind(
+        &socket,
+        state.clone(),
+        client.clone(),
+        migrations.clone(),
+        cancel.clone(),
+    )
+    .await;
     let api = match api {
         Ok(api) => api,
         Err(e) => {

@@ -8,6 +8,7 @@ mod audit;
 mod bench;
 mod daemon;
 mod keys;
+mod migrate;
 mod roster;
 mod table;
 mod vm;
@@ -47,6 +48,10 @@ pub enum Command {
     Table(daemon::TableArgs),
     /// Run a whole cluster on this machine.
     Testnet(crate::testnet::TestnetArgs),
+    /// Move a VM of this node to another node, live.
+    Migrate(migrate::MigrateArgs),
+    /// Running and recent migrations of this node.
+    Migrations(migrate::MigrationsArgs),
     /// List the node's VMs.
     Vms(vm::VmsArgs),
     /// Manage the node's VMs.
@@ -91,6 +96,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Audit(cmd) => audit::run(cmd),
         Command::Vms(args) => vm::vms(args),
+        Command::Migrate(args) => migrate::migrate(args),
+        Command::Migrations(args) => migrate::migrations(args),
         Command::Vm(cmd) => vm::run(cmd),
         Command::Vmm(args) => vm::vmm(args),
     }

@@ -14,6 +14,8 @@
 //! | POST | `/v1/vms` | start a sandbox VM (`CreateVm`) |
 //! | POST | `/v1/vms/{vm}/verify` | check a VM's memory page by page |
 //! | DELETE | `/v1/vms/{vm}` | stop and delete a VM |
+//! | GET | `/v1/migrations` | running and recent migrations |
+//! | POST | `/v1/migrations` | move a VM to another node (`StartMigration`) |
 
 pub mod client;
 pub mod server;
@@ -115,6 +117,27 @@ fn one() -> u32 {
 pub struct VerifyView {
     pub version: u32,
     pub report: crate::hypervisor::guest::VerifyReport,
+}
+
+/// `GET /v1/migrations`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrationsView {
+    pub version: u32,
+    pub migrations: Vec<crate::migration::service::MigrationView>,
+}
+
+/// `POST /v1/migrations`: move a VM of this node to another node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartMigration {
+    /// VM name or id.
+    pub vm: String,
+    /// Target node: roster name or id.
+    pub to: String,
+    #[serde(default)]
+    pub mode: drift_protocol::migration::Mode,
+    pub downtime_limit_ms: Option<u64>,
+    pub bandwidth_cap_bytes_per_s: Option<u64>,
 }
 
 /// An error body.

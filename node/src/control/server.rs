@@ -18,11 +18,12 @@ use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    CreateVm, ErrorView, PeersView, RosterPushView, StatusView, TableView, VerifyView, VmsView,
-    API_VERSION,
+    CreateVm, ErrorView, MigrationsView, PeersView, RosterPushView, StartMigration, StatusView,
+    TableView, VerifyView, VmsView, API_VERSION,
 };
 use crate::hypervisor::{HypervisorError, VmSpec};
 use crate::mesh::{Client, MAX_GOSSIP_MESSAGE};
+use crate::migration::service::{MigrateError, Migrations};
 use crate::state::NodeState;
 use crate::table::Liveness;
 
@@ -30,6 +31,7 @@ use crate::table::Liveness;
 struct App {
     state: Arc<NodeState>,
     mesh: Client,
+    migrations: Arc<Migrations>,
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -60,6 +62,7 @@ pub async fn bind(
     path: &Path,
     state: Arc<NodeState>,
     mesh: Client,
+    migrations: Arc<Migrations>,
     cancel: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, ServeError> {
     let bind_err = |source| ServeError::Bind {
@@ -87,7 +90,12 @@ pub async fn bind(
         .route("/v1/vms/{vm}/verify", post(verify_vm))
         .route("/v1/vms/{vm}", axum::routing::delete(destroy_vm))
         .layer(DefaultBodyLimit::max(MAX_GOSSIP_MESSAGE))
-        .with_state(App { state, mesh });
+        .route("/v1/migrations", get(list_migrations).post(start_migration))
+        .with_state(App {
+            state,
+            mesh,
+            migrations,
+        });
     let path = path.to_owned();
     Ok(tokio::spawn(async move {
         let shutdown = cancel.clone().cancelled_owned();
@@ -287,5 +295,48 @@ async fn destroy_vm(
             Json(serde_json::json!({ "version": API_VERSION, "destroyed": vm })).into_response()
         }
         Err(e) => vm_error(e),
+    }
+}
+
+async fn list_migrations(State(app): State<App>) -> Response {
+    Json(MigrationsView {
+        version: API_VERSION,
+        migrations: app.migrations.list(),
+    })
+    .into_response()
+}
+
+async fn start_migration(State(app): State<App>, body: Bytes) -> Response {
+    let req: StartMigration = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("bad migration request: {e}"),
+            )
+        }
+    };
+    let params = crate::migration::engine::SourceParams {
+        downtime_limit: std::time::Duration::from_millis(req.downtime_limit_ms.unwrap_or(50)),
+        bandwidth_cap: req.bandwidth_cap_bytes_per_s,
+        ..Default::default()
+    };
+    match app
+        .migrations
+        .migrate(&req.vm, &req.to, req.mode, params)
+        .await
+    {
+        Ok(id) => Json(serde_json::json!({ "version": API_VERSION, "id": id })).into_response(),
+        Err(e) => {
+            let status = match e {
+                MigrateError::Vm(HypervisorError::NoSuchVm(_)) | MigrateError::NoSuchNode(_) => {
+                    StatusCode::NOT_FOUND
+                }
+                MigrateError::Refused(_) => StatusCode::CONFLICT,
+                MigrateError::ToSelf => StatusCode::UNPROCESSABLE_ENTITY,
+                _ => StatusCode::BAD_GATEWAY,
+            };
+            error(status, e.to_string())
+        }
     }
 }

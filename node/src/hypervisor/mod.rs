@@ -177,6 +177,37 @@ impl Sandbox {
         *self.known() = found;
     }
 
+    /// The directory of a VM.
+    pub fn dir_of(&self, id: &VmId) -> PathBuf {
+        self.vm_dir(id)
+    }
+
+    /// The specs of every VM here.
+    pub fn specs(&self) -> Vec<VmSpec> {
+        self.known().values().cloned().collect()
+    }
+
+    /// An incoming VM's migration committed: it is this node's VM now (durably recorded in
+    /// its spec, written atomically).
+    pub fn mark_arrived(&self, id: &VmId) -> std::io::Result<()> {
+        let mut known = self.known();
+        let Some(spec) = known.get_mut(id) else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no such VM",
+            ));
+        };
+        spec.incoming = false;
+        let text = toml::to_string(&*spec)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        write_atomic(
+            &self.vm_dir(id).join(SPEC_FILE),
+            text.as_bytes(),
+            0o600,
+            Overwrite::Replace,
+        )
+    }
+
     /// VM count and total demand (permille) of the VMs this node holds.
     pub fn summary(&self) -> (u32, u32) {
         let known = self.known();

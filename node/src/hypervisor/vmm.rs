@@ -102,6 +102,8 @@ pub enum Response {
 struct Device {
     writes: u64,
     rng: u64,
+    /// The workload's rate (pages per second) travels with the guest.
+    rate: u64,
 }
 
 const RUNNING: u8 = 0;
@@ -116,6 +118,7 @@ pub struct Vmm {
     state: AtomicU8,
     writes: AtomicU64,
     rng: AtomicU64,
+    rate: AtomicU64,
     faults: Mutex<std::collections::VecDeque<u64>>,
     started: Instant,
     stop: AtomicBool,
@@ -134,6 +137,7 @@ impl Vmm {
         Arc::new(Self {
             state: AtomicU8::new(if spec.incoming { INCOMING } else { RUNNING }),
             rng: AtomicU64::new(spec.seed ^ 0x5eed),
+            rate: AtomicU64::new(spec.dirty_pages_per_s),
             spec,
             memory: Mutex::new(memory),
             writes: AtomicU64::new(0),
@@ -230,6 +234,7 @@ impl Vmm {
                 let d = Device {
                     writes: self.writes.load(Ordering::SeqCst),
                     rng: self.rng.load(Ordering::SeqCst),
+                    rate: self.rate.load(Ordering::SeqCst),
                 };
                 Response::Device(drift_protocol::codec::encode_payload(&d))
             }
@@ -237,6 +242,7 @@ impl Vmm {
                 Ok(d) => {
                     self.writes.store(d.writes, Ordering::SeqCst);
                     self.rng.store(d.rng, Ordering::SeqCst);
+                    self.rate.store(d.rate, Ordering::SeqCst);
                     if self.state.load(Ordering::SeqCst) == INCOMING {
                         self.state.store(PAUSED, Ordering::SeqCst);
                     }
@@ -290,7 +296,6 @@ impl Vmm {
     fn workload(&self) {
         let pages = self.page_count();
         let tick = Duration::from_millis(10);
-        let per_tick = self.spec.dirty_pages_per_s as f64 * tick.as_secs_f64();
         let mut owed = 0.0f64;
         let mut blocked_on: Option<u64> = None;
         while !self.stop.load(Ordering::SeqCst) {
@@ -308,7 +313,7 @@ impl Vmm {
                 continue;
             }
             if blocked_on.is_none() {
-                owed += per_tick;
+                owed += self.rate.load(Ordering::SeqCst) as f64 * tick.as_secs_f64();
             }
             let mut rng = SplitMix(self.rng.load(Ordering::SeqCst));
             let mut written = 0;

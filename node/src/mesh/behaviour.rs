@@ -32,6 +32,8 @@ pub(crate) struct Behaviour {
     pub(crate) limits: connection_limits::Behaviour,
     pub(crate) gossipsub: gossipsub::Behaviour,
     pub(crate) identify: identify::Behaviour,
+    /// Raw streams: one per migration (`/drift/migrate/1`).
+    pub(crate) stream: libp2p_stream::Behaviour,
 }
 
 /// The libp2p peer id of a drift node (the same ed25519 key).
@@ -117,6 +119,7 @@ impl Behaviour {
                 identify::Config::new("/drift/id/1.0.0".into(), key.public())
                     .with_agent_version(format!("drift/{}", env!("CARGO_PKG_VERSION"))),
             ),
+            stream: libp2p_stream::Behaviour::new(),
         })
     }
 }

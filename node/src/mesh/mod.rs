@@ -95,10 +95,17 @@ enum Command {
 }
 
 /// A handle to the mesh; cheap to clone.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Client {
     commands: mpsc::Sender<Command>,
     metrics: Arc<Mutex<prometheus_client::registry::Registry>>,
+    streams: libp2p_stream::Control,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").finish_non_exhaustive()
+    }
 }
 
 /// The mesh stopped, or did not answer.
@@ -145,6 +152,11 @@ impl Client {
             .send(Command::RosterChanged(change))
             .await
             .map_err(|_| MeshStopped)
+    }
+
+    /// Opens and accepts raw streams (Noise-encrypted, to authenticated members only).
+    pub fn streams(&self) -> libp2p_stream::Control {
+        self.streams.clone()
     }
 
     /// Total bytes received and sent over all connections (transport level, after Noise).
@@ -236,6 +248,7 @@ pub fn spawn(
             })?;
     }
 
+    let streams = swarm.behaviour().stream.new_control();
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let event_loop = EventLoop {
         swarm,
@@ -266,6 +279,7 @@ pub fn spawn(
         Client {
             commands: tx,
             metrics: Arc::new(Mutex::new(registry)),
+            streams,
         },
         handle,
     ))

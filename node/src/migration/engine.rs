@@ -159,6 +159,8 @@ struct Source<'a, V, S> {
     watch: &'a watch::Sender<Progress>,
     started: Instant,
     cancel: CancellationToken,
+    /// Post-copy: from pause until the device state went out.
+    switched_at: Option<Duration>,
 }
 
 impl<V: VmmAccess, S: AsyncRead + AsyncWrite + Send> Source<'_, V, S> {
@@ -200,7 +202,7 @@ impl<V: VmmAccess, S: AsyncRead + AsyncWrite + Send> Source<'_, V, S> {
         Ok(())
     }
 
-    async fn dirty(&self) -> Result<Vec<u64>, EngineError> {
+    async fn dirty(&mut self) -> Result<Vec<u64>, EngineError> {
         let mut all = Vec::new();
         loop {
             match self
@@ -267,7 +269,7 @@ impl<V: VmmAccess, S: AsyncRead + AsyncWrite + Send> Source<'_, V, S> {
             };
             match self.sender.on_frame(&frame) {
                 Ok(SenderStep::Committed(commit)) => {
-                    let downtime = paused_at.elapsed();
+                    let downtime = self.switched_at.unwrap_or_else(|| paused_at.elapsed());
                     self.progress.phase = "committed".into();
                     self.progress.downtime_ms = Some(downtime.as_secs_f64() * 1e3);
                     self.progress.total_ms = Some(self.started.elapsed().as_secs_f64() * 1e3);
@@ -335,6 +337,7 @@ pub async fn run_source<V: VmmAccess, S: AsyncRead + AsyncWrite + Send + 'static
         watch,
         started: Instant::now(),
         cancel,
+        switched_at: None,
     };
     let result = source_loop(&mut s, &t).await;
     reader.abort();
@@ -478,6 +481,8 @@ async fn source_loop<V: VmmAccess, S: AsyncRead + AsyncWrite + Send>(
     s.sender.switched();
     s.send(&TransferFrame::DeviceState(DeviceState::new(device)))
         .await?;
+    // The target resumes on this frame: the VM's downtime ends about here.
+    s.switched_at = Some(paused_at.elapsed());
     s.progress.phase = "post-copy".into();
     // Serve requests first, push the rest; each page goes once.
     let mut pending: BTreeSet<u64> = stale.into_iter().collect();

@@ -33,3 +33,27 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     w.write_all(&bytes).await?;
     Ok(bytes.len())
 }
+
+/// Reads one frame of any type, refusing frames over `max` bytes before reading them.
+pub async fn read_typed<R, T>(r: &mut R, max: usize) -> std::io::Result<T>
+where
+    R: AsyncRead + Unpin,
+    T: serde::de::DeserializeOwned + serde::Serialize,
+{
+    let mut header = [0u8; HEADER_LEN];
+    r.read_exact(&mut header).await?;
+    let len = parse_header(header, max)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload).await?;
+    decode_payload(&payload).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// Writes one frame of any type.
+pub async fn write_typed<W: AsyncWrite + Unpin, T: serde::Serialize>(
+    w: &mut W,
+    value: &T,
+) -> std::io::Result<()> {
+    w.write_all(&encode_frame(value)).await?;
+    w.flush().await
+}

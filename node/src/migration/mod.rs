@@ -7,3 +7,4 @@
 
 pub mod engine;
 pub mod frames;
+pub mod service;
