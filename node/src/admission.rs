@@ -122,7 +122,9 @@ impl Admission {
 
     /// CPU demand reserved for incoming VMs (for the load report).
     pub fn reserved_permille(&self) -> u32 {
-        self.reservations.values().map(|r| r.demand_permille).sum()
+        self.reservations
+            .values()
+            .fold(0u32, |acc, r| acc.saturating_add(r.demand_permille))
     }
 
     /// The open reservation of a migration.
@@ -203,11 +205,18 @@ impl Admission {
                 .map(String::as_str)
                 .chain(reserved_groups),
         )?;
-        let reserved_mem: u64 = self.reservations.values().map(|r| r.memory_mib).sum();
+        let reserved_mem = self
+            .reservations
+            .values()
+            .fold(0u64, |acc, r| acc.saturating_add(r.memory_mib));
         let demand = u64::from(load.demand_permille)
-            + u64::from(self.reserved_permille())
-            + u64::from(offer.vm.demand_permille);
-        if load.vm_memory_mib + reserved_mem + offer.vm.memory_mib > load.capacity_mib
+            .saturating_add(u64::from(self.reserved_permille()))
+            .saturating_add(u64::from(offer.vm.demand_permille));
+        if load
+            .vm_memory_mib
+            .saturating_add(reserved_mem)
+            .saturating_add(offer.vm.memory_mib)
+            > load.capacity_mib
             || demand > u64::from(self.limits.upper_threshold_permille)
         {
             return Err(RejectReason::NoCapacity);

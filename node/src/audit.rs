@@ -169,6 +169,8 @@ pub struct AuditLog {
     file: File,
     key: SecretKey,
     head: Option<Anchor>,
+    /// Bytes of complete records: a failed append is cut back to this.
+    len: u64,
 }
 
 impl AuditLog {
@@ -213,6 +215,7 @@ impl AuditLog {
             file,
             key,
             head: summary.head,
+            len: contents.valid_len,
         })
     }
 
@@ -225,8 +228,17 @@ impl AuditLog {
             path: self.path.clone(),
             source,
         };
-        self.file.write_all(&frame).map_err(io_err)?;
-        self.file.sync_data().map_err(io_err)?;
+        let written = self
+            .file
+            .write_all(&frame)
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = written {
+            // Leave no partial record behind: cut back to the last complete one.
+            let _ = self.file.set_len(self.len);
+            let _ = self.file.seek(SeekFrom::Start(self.len));
+            return Err(io_err(e));
+        }
+        self.len += frame.len() as u64;
         let anchor = (record.seq, chain_hash(&signed));
         self.head = Some(anchor);
         let head = encode_frame(&Head {

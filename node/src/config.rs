@@ -2,7 +2,7 @@
 //!
 //! Relative paths are resolved against the directory of the config file. Unknown keys are an
 //! error, and every semantic error names the key (`load.interval: must be at least 100ms`).
-//! See `deploy/` for production and lab examples.
+//! `drift testnet --generate-only` writes complete lab examples.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -50,11 +50,15 @@ pub enum StartError {
     Mesh(#[from] MeshError),
     #[error(transparent)]
     Api(#[from] crate::control::server::ServeError),
+    #[error("another drift node is running on state directory {0}")]
+    Locked(PathBuf),
 }
 
 /// A started node.
 #[derive(Debug)]
 pub struct Running {
+    /// Held for the node's lifetime: one node per state directory.
+    _lock: nix::fcntl::Flock<std::fs::File>,
     pub state: Arc<NodeState>,
     pub mesh: Client,
     pub socket: PathBuf,
@@ -114,6 +118,19 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             path: state_dir.clone(),
             source,
         })?;
+    // One node per state directory, checked before anything in it is touched.
+    let lock_path = state_dir.join("lock");
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|source| StartError::StateDir {
+            path: lock_path.clone(),
+            source,
+        })?;
+    let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| StartError::Locked(state_dir.clone()))?;
     let (signed, roster) = load_roster(&config)?;
     if roster.member(&me).is_none() && !config.node.insecure_open {
         return Err(StartError::NotAMember {
@@ -232,6 +249,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     );
     drop(_enter);
     Ok(Running {
+        _lock: lock,
         state,
         mesh: client,
         socket,

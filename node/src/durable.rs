@@ -34,10 +34,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32, overwrite: Overwrite) 
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    // A random suffix: a leftover from a crash (even of a process with the same pid, as in a
+    // container) never blocks the next write.
     let tmp = dir.join(format!(
-        ".{}.tmp-{}",
+        ".{}.tmp-{:016x}",
         name.to_string_lossy(),
-        std::process::id()
+        rand_core::RngCore::next_u64(&mut rand_core::OsRng)
     ));
     let result = (|| {
         let mut f = OpenOptions::new()

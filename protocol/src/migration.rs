@@ -23,6 +23,11 @@ use crate::time::Timestamp;
 
 /// Offers may live at most this long.
 pub const MAX_OFFER_TTL_MS: u64 = 60_000;
+/// The largest VM an offer may describe (4 TiB); a target's admission bounds it further by
+/// its own capacity.
+pub const MAX_VM_MEMORY_MIB: u64 = 4 * 1024 * 1024;
+/// The most vCPUs an offer may describe.
+pub const MAX_VCPUS: u32 = 1024;
 /// At most this many entries in each placement list.
 pub const MAX_PLACEMENT_ENTRIES: usize = 16;
 
@@ -288,7 +293,14 @@ pub fn validate_offer(
     {
         return Err(RejectReason::Expired);
     }
-    if !valid_name(&offer.vm.name) || !offer.vm.placement.well_formed() {
+    if !valid_name(&offer.vm.name)
+        || !offer.vm.placement.well_formed()
+        || offer.vm.memory_mib == 0
+        || offer.vm.memory_mib > MAX_VM_MEMORY_MIB
+        || offer.vm.vcpus == 0
+        || offer.vm.vcpus > MAX_VCPUS
+        || offer.vm.demand_permille > crate::report::MAX_DEMAND_PERMILLE
+    {
         return Err(RejectReason::BadOffer);
     }
     let host = roster.member(me).ok_or(RejectReason::NotAMember)?;
@@ -402,6 +414,16 @@ mod tests {
                 PlacementViolation::Jurisdiction { .. }
             ))
         ));
+        // Absurd sizes are refused before they reach any arithmetic or allocation.
+        for (mem, vcpus) in [(u64::MAX, 1), (0, 1), (512, 0), (512, u32::MAX)] {
+            let mut huge = offer.clone();
+            huge.vm.memory_mib = mem;
+            huge.vm.vcpus = vcpus;
+            assert_eq!(
+                validate_offer(&Signed::sign(&huge, &src), &dst.public(), &roster, now),
+                Err(RejectReason::BadOffer)
+            );
+        }
         let mut old_epoch = offer.clone();
         old_epoch.roster_epoch = 2;
         assert_eq!(

@@ -134,12 +134,18 @@ impl Rejection {
     ];
 
     /// Whether whoever forwarded this broke the rules (gossipsub `Reject`, which lowers its
-    /// score), as opposed to delivering a valid but outdated report (`Ignore`). An honest
-    /// relay can deliver an old report late; it can never deliver a forged one.
+    /// score), as opposed to delivering something an honest relay could have delivered
+    /// (`Ignore`): an old report late, or a report of a member this node's roster does not
+    /// know yet (or no longer) while a roster change spreads. An honest relay can never
+    /// deliver a forged, malformed, oversized or out-of-range report.
     pub fn is_misbehaviour(&self) -> bool {
         !matches!(
             self,
-            Rejection::Stale { .. } | Rejection::TooOld { .. } | Rejection::FromFuture { .. }
+            Rejection::Stale { .. }
+                | Rejection::TooOld { .. }
+                | Rejection::FromFuture { .. }
+                | Rejection::UnknownSigner(_)
+                | Rejection::NotAHost(_)
         )
     }
 }
@@ -390,6 +396,15 @@ mod tests {
         let r = Rejection::Stale { newest: 1, got: 1 };
         assert!(!r.is_misbehaviour());
         assert!(Rejection::BadSignature.is_misbehaviour());
+        // While a roster change spreads, honest relays carry reports of members this node
+        // does not know yet: dropped, but no penalty.
+        let key = crate::keys::SecretKey::from_bytes(&[8; 32]).public();
+        assert!(!Rejection::UnknownSigner(key).is_misbehaviour());
+        assert!(!Rejection::NotAHost(key).is_misbehaviour());
+        assert!(Rejection::OutOfRange {
+            field: "cpu_permille"
+        }
+        .is_misbehaviour());
         for l in [r.label(), Rejection::BadSignature.label()] {
             assert!(Rejection::LABELS.contains(&l));
         }

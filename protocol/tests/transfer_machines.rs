@@ -467,6 +467,20 @@ fn tampering_forgery_and_disorder_abort_before_anything_runs() {
         })),
         Err(ReceiveError::BadRange { .. })
     ));
+    // Ranges that together name more pages than the VM has: refused, so a malicious source
+    // cannot make the target loop over its memory again and again.
+    let mut t = Target::new(&wp.accepted);
+    t.feed(&wp.start()).unwrap();
+    t.feed(&TransferFrame::Stale(StaleRanges {
+        ranges: vec![(0, PAGES)],
+    }))
+    .unwrap();
+    assert!(matches!(
+        t.feed(&TransferFrame::Stale(StaleRanges {
+            ranges: vec![(0, 1)]
+        })),
+        Err(ReceiveError::BadRange { .. })
+    ));
     let mut t = Target::new(&w.accepted);
     t.feed(&w.start()).unwrap();
     assert!(t

@@ -140,4 +140,19 @@ fn cli_reads_a_running_node_and_explains_a_missing_one() {
     let out = drift(&["status", "--socket", "/nonexistent/drift.sock"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is `drift run` running?"));
+
+    // A second node on the same state directory is refused before it touches anything, and
+    // the running node's audit log stays intact.
+    let config = c.nodes[0].node.config.to_str().unwrap().to_string();
+    let second = drift(&["run", "--config", &config]);
+    assert_eq!(second.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("another drift node is running"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    assert!(drift(&["audit", "verify", "--config", &config])
+        .status
+        .success());
+    assert!(drift(&["status", "--socket", &sock]).status.success());
 }

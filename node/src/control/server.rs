@@ -251,6 +251,27 @@ async fn create_vm(State(app): State<App>, body: Bytes) -> Response {
             "demand must be 0.0 to 1.0 and dirty_mib_per_s 0 to 1024",
         );
     }
+    let names_ok = req
+        .jurisdictions
+        .iter()
+        .chain(&req.regions)
+        .chain(req.anti_affinity.iter())
+        .all(|n| drift_protocol::roster::valid_name(n));
+    let limit = drift_protocol::migration::MAX_PLACEMENT_ENTRIES;
+    if !names_ok
+        || req.jurisdictions.len() > limit
+        || req.regions.len() > limit
+        || req.vcpus > drift_protocol::migration::MAX_VCPUS
+    {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "placement names must be 1 to 64 of [A-Za-z0-9._-], at most {limit} of each; \
+                 vcpus at most {}",
+                drift_protocol::migration::MAX_VCPUS
+            ),
+        );
+    }
     let spec = VmSpec {
         id: drift_protocol::VmId::random(&mut rand_core::OsRng),
         name: req.name,

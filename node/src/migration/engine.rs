@@ -584,8 +584,16 @@ pub async fn run_target<
                 };
             }
         };
+        let running_here = receiver.phase() == drift_protocol::transfer::receiver::Phase::PostCopy;
         let step = match receiver.on_frame(&frame) {
             Ok(step) => step,
+            // Post-copy: the VM already runs here and nowhere else; a bad frame must not
+            // make anyone discard it.
+            Err(e) if running_here => {
+                break TargetOutcome::Incomplete {
+                    reason: format!("source broke the protocol during post-copy: {e}"),
+                };
+            }
             Err(e) => {
                 let _ = write_frame(
                     &mut *wr.lock().await,

@@ -10,11 +10,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// Reads one frame; `Ok(None)` on a clean end of stream before a header.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Option<TransferFrame>> {
     let mut header = [0u8; HEADER_LEN];
-    match r.read_exact(&mut header).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
-    }
+    // A clean end only before the first byte of a header; a cut header is an error.
+    match r.read(&mut header[..1]).await? {
+        0 => return Ok(None),
+        _ => r.read_exact(&mut header[1..]).await?,
+    };
     let len = parse_header(header, MAX_FRAME_LEN)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     let mut payload = vec![0u8; len];

@@ -185,6 +185,9 @@ pub struct Receiver {
     /// Post-copy: pages whose switchover version has not arrived.
     missing: Option<Bitmap>,
     device: Option<Hash>,
+    /// Pages named stale so far: never more than the VM has, so stale ranges cost at most one
+    /// pass over the VM's pages in all.
+    stale_total: u64,
     stats: ReceiveStats,
 }
 
@@ -200,6 +203,7 @@ impl Receiver {
             leaves,
             missing: None,
             device: None,
+            stale_total: 0,
             stats: ReceiveStats::default(),
         }
     }
@@ -306,13 +310,15 @@ impl Receiver {
                 let missing = self.missing.get_or_insert_with(|| Bitmap::new(page_count));
                 for &(start, len) in &stale.ranges {
                     let end = start.checked_add(len).filter(|&e| e <= page_count);
-                    let Some(end) = end else {
+                    let total = self.stale_total.saturating_add(len);
+                    let (Some(end), true) = (end, total <= page_count) else {
                         return Err(ReceiveError::BadRange {
                             start,
                             len,
                             page_count,
                         });
                     };
+                    self.stale_total = total;
                     for pfn in start..end {
                         missing.insert(pfn);
                     }
