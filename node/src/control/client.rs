@@ -68,26 +68,33 @@ fn check(status: u16, body: &Bytes) -> Result<(), ClientError> {
     Err(ClientError::Status { status, message })
 }
 
-/// `GET path`, parsed as `T`.
-pub async fn get<T: DeserializeOwned>(socket: &Path, path: &str) -> Result<T, ClientError> {
-    let req = Request::get(path)
+/// One request with an optional binary body; the answer parsed as `T`.
+async fn request<T: DeserializeOwned>(
+    socket: &Path,
+    method: hyper::Method,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<T, ClientError> {
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
         .header("host", "drift")
-        .body(Full::new(Bytes::new()))
+        .header("content-type", "application/octet-stream")
+        .body(Full::new(Bytes::from(body)))
         .map_err(|e| ClientError::Http(e.to_string()))?;
     let (status, body) = call(socket, req).await?;
     check(status, &body)?;
     Ok(serde_json::from_slice(&body)?)
 }
 
+/// `GET path`, parsed as `T`.
+pub async fn get<T: DeserializeOwned>(socket: &Path, path: &str) -> Result<T, ClientError> {
+    request(socket, hyper::Method::GET, path, Vec::new()).await
+}
+
 /// `DELETE path`, parsed as `T`.
 pub async fn delete<T: DeserializeOwned>(socket: &Path, path: &str) -> Result<T, ClientError> {
-    let req = Request::delete(path)
-        .header("host", "drift")
-        .body(Full::new(Bytes::new()))
-        .map_err(|e| ClientError::Http(e.to_string()))?;
-    let (status, body) = call(socket, req).await?;
-    check(status, &body)?;
-    Ok(serde_json::from_slice(&body)?)
+    request(socket, hyper::Method::DELETE, path, Vec::new()).await
 }
 
 /// `POST path` with a binary body, parsed as `T`.
@@ -96,12 +103,5 @@ pub async fn post<T: DeserializeOwned>(
     path: &str,
     bytes: Vec<u8>,
 ) -> Result<T, ClientError> {
-    let req = Request::post(path)
-        .header("host", "drift")
-        .header("content-type", "application/octet-stream")
-        .body(Full::new(Bytes::from(bytes)))
-        .map_err(|e| ClientError::Http(e.to_string()))?;
-    let (status, body) = call(socket, req).await?;
-    check(status, &body)?;
-    Ok(serde_json::from_slice(&body)?)
+    request(socket, hyper::Method::POST, path, bytes).await
 }

@@ -27,7 +27,7 @@ use drift_protocol::transfer::{
     MAX_STALE_RANGES, PAGE_SIZE,
 };
 use drift_protocol::{Hash, MigrationId, SecretKey, Signed};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, WriteHalf};
 use tokio::sync::{mpsc, watch, Mutex};
 use tokio_util::sync::CancellationToken;
@@ -113,7 +113,7 @@ impl Default for SourceParams {
 }
 
 /// Progress of a transfer, for `drift migrate --watch` and `drift migrations`.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Progress {
     pub phase: String,
     pub rounds: u32,

@@ -66,37 +66,7 @@ pub struct MigrationView {
     /// `negotiating | running | committed | resumed | unknown | aborted | refused`.
     pub state: String,
     pub detail: String,
-    pub progress: Option<ProgressView>,
-}
-
-/// Progress figures (see `engine::Progress`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
-pub struct ProgressView {
-    pub phase: String,
-    pub rounds: u32,
-    pub pages_sent: u64,
-    pub bytes_sent: u64,
-    pub dirty_pages: u64,
-    pub rate_bytes_per_s: f64,
-    pub expected_downtime_ms: f64,
-    pub downtime_ms: Option<f64>,
-    pub total_ms: Option<f64>,
-}
-
-impl From<&Progress> for ProgressView {
-    fn from(p: &Progress) -> Self {
-        Self {
-            phase: p.phase.clone(),
-            rounds: p.rounds,
-            pages_sent: p.pages_sent,
-            bytes_sent: p.bytes_sent,
-            dirty_pages: p.dirty_pages,
-            rate_bytes_per_s: p.rate_bytes_per_s,
-            expected_downtime_ms: p.expected_downtime_ms,
-            downtime_ms: p.downtime_ms,
-            total_ms: p.total_ms,
-        }
-    }
+    pub progress: Option<Progress>,
 }
 
 /// Why a migration could not start.
@@ -167,7 +137,7 @@ impl Migrations {
             v.state = state.into();
             v.detail = detail;
             if let Some(p) = p.take() {
-                v.progress = Some(ProgressView::from(&*p.borrow()));
+                v.progress = Some(p.borrow().clone());
             }
         }
     }
@@ -180,7 +150,7 @@ impl Migrations {
             .map(|(v, p)| {
                 let mut v = v.clone();
                 if let Some(p) = p {
-                    v.progress = Some(ProgressView::from(&*p.borrow()));
+                    v.progress = Some(p.borrow().clone());
                 }
                 v
             })
