@@ -413,6 +413,9 @@ impl EventLoop {
         }
     }
 
+    /// Brings admission in line with the roster in force now (not with the change that
+    /// triggered this: a newer roster may have been adopted in between): members allowed,
+    /// everyone else disallowed and disconnected.
     fn apply_roster_change(&mut self, change: &RosterChange) {
         info!(
             epoch = change.epoch,
@@ -420,21 +423,36 @@ impl EventLoop {
             removed = change.removed.len(),
             "adopted roster"
         );
-        for id in &change.added {
-            if let Some(allow) = self.swarm.behaviour_mut().allow.as_mut() {
-                allow.allow_peer(peer_id(id));
+        let members: HashSet<PeerId> = {
+            let roster = self.state.roster();
+            if roster.roster.member(&self.state.me).is_none() {
+                warn!("this node is not in the roster in force: peers will refuse it");
             }
+            roster
+                .roster
+                .members
+                .iter()
+                .map(|m| peer_id(&m.id))
+                .collect()
+        };
+        let connected: Vec<PeerId> = self.connected.keys().copied().collect();
+        let Some(allow) = self.swarm.behaviour_mut().allow.as_mut() else {
+            return;
+        };
+        let stale: Vec<PeerId> = allow
+            .allowed_peers()
+            .iter()
+            .filter(|p| !members.contains(p))
+            .copied()
+            .collect();
+        for peer in &stale {
+            allow.disallow_peer(*peer);
         }
-        for id in &change.removed {
-            let peer = peer_id(id);
-            if id == &self.state.me {
-                warn!("this node was removed from the roster: peers will refuse it");
-                continue;
-            }
-            info!(node = %id.short(), "member revoked: dropping its connections");
-            if let Some(allow) = self.swarm.behaviour_mut().allow.as_mut() {
-                allow.disallow_peer(peer);
-            }
+        for peer in &members {
+            allow.allow_peer(*peer);
+        }
+        for peer in connected.into_iter().filter(|p| !members.contains(p)) {
+            info!(peer = %peer, "not a member any more: dropping its connections");
             let _ = self.swarm.disconnect_peer_id(peer);
         }
     }
