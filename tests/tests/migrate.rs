@@ -151,3 +151,66 @@ fn placement_refusal_keeps_the_vm_home_and_is_audited() {
     assert!(refused, "the target did not audit the refusal");
     drift_ok(&["vm", "destroy", "fr-only", "--socket", &sock(0)]);
 }
+
+#[test]
+fn cancel_before_switchover_keeps_the_vm_running_at_home() {
+    let c = Cluster::start(2, Duration::from_millis(300));
+    c.wait_converged(Duration::from_secs(60)).unwrap();
+    let sock = |i: usize| c.nodes[i].node.socket.to_str().unwrap().to_string();
+    drift_ok(&[
+        "vm",
+        "create",
+        "slow",
+        "--memory-mib",
+        "32",
+        "--dirty-mib-per-s",
+        "4",
+        "--socket",
+        &sock(0),
+    ]);
+    // Capped at 1 MiB/s, the first round alone takes seconds: time to cancel.
+    let out = drift_ok(&[
+        "migrate",
+        "slow",
+        "--to",
+        "node-2",
+        "--bandwidth-mib",
+        "1",
+        "--socket",
+        &sock(0),
+    ]);
+    let id = out
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(':')
+        .to_string();
+    std::thread::sleep(Duration::from_millis(300));
+    drift_ok(&["migrate", "--cancel", &id, "--socket", &sock(0)]);
+    let state = wait_until(Duration::from_secs(15), Duration::from_millis(100), || {
+        let v: serde_json::Value =
+            serde_json::from_str(&drift_ok(&["migrations", "--json", "--socket", &sock(0)]))
+                .ok()?;
+        let m = v["migrations"]
+            .as_array()?
+            .iter()
+            .find(|m| m["id"] == id.as_str())?
+            .clone();
+        (m["state"] != "running").then_some(m["state"].as_str()?.to_string())
+    })
+    .expect("the cancelled migration ends");
+    assert_eq!(state, "resumed");
+    let home = vms(&c, 0);
+    assert_eq!(home.len(), 1);
+    assert_eq!(home[0]["state"], "running");
+    assert!(drift_ok(&["vm", "verify", "slow", "--socket", &sock(0)]).starts_with("ok:"));
+    // The target discarded its incoming copy.
+    wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        vms(&c, 1).is_empty().then_some(())
+    })
+    .expect("the target discards the incoming VM");
+    // Cancelling what is not running is an error.
+    let again = drift(&["migrate", "--cancel", &id, "--socket", &sock(0)]);
+    assert_eq!(again.status.code(), Some(1));
+    drift_ok(&["vm", "destroy", "slow", "--socket", &sock(0)]);
+}

@@ -13,10 +13,14 @@ use crate::migration::service::MigrationView;
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
     /// The VM (name or id) on this node.
-    pub vm: String,
+    #[arg(required_unless_present = "cancel")]
+    pub vm: Option<String>,
     /// The target node (roster name or id).
-    #[arg(long)]
-    pub to: String,
+    #[arg(long, required_unless_present = "cancel")]
+    pub to: Option<String>,
+    /// Cancel the migration with this id instead (before switchover the VM stays here).
+    #[arg(long, conflicts_with_all = ["vm", "to"])]
+    pub cancel: Option<String>,
     /// precopy (default), postcopy or hybrid.
     #[arg(long, default_value = "precopy")]
     pub mode: Mode,
@@ -69,9 +73,21 @@ fn line(m: &MigrationView) -> String {
 pub(crate) fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
     let socket = a.target.socket()?;
     let rt = runtime()?;
+    if let Some(id) = &a.cancel {
+        let _: serde_json::Value = rt.block_on(client::post(
+            &socket,
+            &format!("/v1/migrations/{id}/cancel"),
+            Vec::new(),
+        ))?;
+        println!("cancelling {id}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (Some(vm), Some(to)) = (a.vm.clone(), a.to.clone()) else {
+        anyhow::bail!("name the VM and --to NODE");
+    };
     let req = StartMigration {
-        vm: a.vm.clone(),
-        to: a.to.clone(),
+        vm: vm.clone(),
+        to: to.clone(),
         mode: a.mode,
         downtime_limit_ms: a.downtime_limit_ms,
         bandwidth_cap_bytes_per_s: a.bandwidth_mib.map(|m| m * 1024 * 1024),
@@ -82,7 +98,7 @@ pub(crate) fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         serde_json::to_vec(&req)?,
     ))?;
     let id = started["id"].as_str().unwrap_or_default().to_string();
-    println!("migration {id}: {} -> {} ({}) accepted", a.vm, a.to, a.mode);
+    println!("migration {id}: {vm} -> {to} ({}) accepted", a.mode);
     if !a.watch {
         return Ok(ExitCode::SUCCESS);
     }

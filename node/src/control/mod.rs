@@ -16,6 +16,7 @@
 //! | DELETE | `/v1/vms/{vm}` | stop and delete a VM |
 //! | GET | `/v1/migrations` | running and recent migrations |
 //! | POST | `/v1/migrations` | move a VM to another node (`StartMigration`) |
+//! | POST | `/v1/migrations/{id}/cancel` | cancel one (before switchover the VM stays here) |
 
 pub mod client;
 pub mod server;

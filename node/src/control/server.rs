@@ -91,6 +91,7 @@ pub async fn bind(
         .route("/v1/vms/{vm}", axum::routing::delete(destroy_vm))
         .layer(DefaultBodyLimit::max(MAX_GOSSIP_MESSAGE))
         .route("/v1/migrations", get(list_migrations).post(start_migration))
+        .route("/v1/migrations/{id}/cancel", post(cancel_migration))
         .with_state(App {
             state,
             mesh,
@@ -359,5 +360,25 @@ async fn start_migration(State(app): State<App>, body: Bytes) -> Response {
             };
             error(status, e.to_string())
         }
+    }
+}
+
+async fn cancel_migration(
+    State(app): State<App>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let Ok(id) = id.parse::<drift_protocol::MigrationId>() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("{id:?} is not a migration id"),
+        );
+    };
+    if app.migrations.cancel(&id) {
+        Json(serde_json::json!({ "version": API_VERSION, "cancelling": id })).into_response()
+    } else {
+        error(
+            StatusCode::NOT_FOUND,
+            format!("no migration {id} is being sent from this node"),
+        )
     }
 }

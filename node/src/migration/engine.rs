@@ -49,6 +49,8 @@ pub enum EngineError {
     Vmm(String),
     #[error("peer broke the protocol: {0}")]
     Protocol(String),
+    #[error("cancelled")]
+    Cancelled,
 }
 
 /// Access to one VM's VMM (in-process or over its socket).
@@ -180,6 +182,10 @@ impl<V: VmmAccess, S: AsyncRead + AsyncWrite + Send> Source<'_, V, S> {
 
     async fn send_pages(&mut self, round: u32, pfns: &[u64]) -> Result<(), EngineError> {
         for chunk in pfns.chunks(MAX_PAGES_PER_BATCH) {
+            // A cancel counts only before switchover; after it, the pages must go.
+            if self.cancel.is_cancelled() && self.sender.may_resume_here() {
+                return Err(EngineError::Cancelled);
+            }
             let (batch, leaves) = match self
                 .vm
                 .call(Request::ReadBatch {
@@ -345,15 +351,13 @@ pub async fn run_source<V: VmmAccess, S: AsyncRead + AsyncWrite + Send + 'static
         Ok(outcome) => Ok(outcome),
         // Before switchover any failure leaves the VM on the source.
         Err(e) if s.sender.may_resume_here() => {
-            let _ = write_frame(
-                &mut s.wr,
-                &TransferFrame::Abort(Abort {
-                    id: t.id,
-                    reason: AbortReason::LocalError,
-                }),
-            )
-            .await;
-            s.resume_here(format!("failed before switchover: {e}"))
+            let reason = match e {
+                EngineError::Cancelled => AbortReason::Cancelled,
+                _ => AbortReason::LocalError,
+            };
+            let _ = write_frame(&mut s.wr, &TransferFrame::Abort(Abort { id: t.id, reason })).await;
+            s.sender.abandon();
+            s.resume_here(format!("stopped before switchover: {e}"))
                 .await
         }
         Err(e) => Ok(SourceOutcome::Unknown {

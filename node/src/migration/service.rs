@@ -96,6 +96,8 @@ pub struct Migrations {
     key: SecretKey,
     admission: Mutex<Admission>,
     views: Mutex<BTreeMap<MigrationId, Tracked>>,
+    /// Cancel handles of the migrations running here as the source.
+    cancels: Mutex<BTreeMap<MigrationId, CancellationToken>>,
 }
 
 impl std::fmt::Debug for Migrations {
@@ -113,6 +115,7 @@ impl Migrations {
             key,
             admission: Mutex::new(Admission::new(Limits::default())),
             views: Mutex::new(BTreeMap::new()),
+            cancels: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -139,6 +142,19 @@ impl Migrations {
             if let Some(p) = p.take() {
                 v.progress = Some(p.borrow().clone());
             }
+        }
+    }
+
+    /// Cancels a migration this node is sending. Before switchover the VM resumes here; after
+    /// it, the migration completes anyway. Returns whether such a migration was running.
+    pub fn cancel(&self, id: &MigrationId) -> bool {
+        let cancels = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
+        match cancels.get(id) {
+            Some(token) => {
+                token.cancel();
+                true
+            }
+            None => false,
         }
     }
 
@@ -517,6 +533,11 @@ impl Migrations {
             side: Side::Source,
             peer: target,
         });
+        let cancel = CancellationToken::new();
+        self.cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(offer.id, cancel.clone());
         let this = self.clone();
         let transfer = SourceTransfer {
             id: offer.id,
@@ -528,16 +549,13 @@ impl Migrations {
         tokio::spawn(async move {
             let vm = SocketVmm(this.state.vms.dir_of(&spec.id).join(SOCKET_FILE));
             let params = SourceParams { mode, ..params };
-            let outcome = run_source(
-                &vm,
-                stream,
-                transfer.clone(),
-                params,
-                &progress_tx,
-                CancellationToken::new(),
-            )
-            .await;
+            let outcome =
+                run_source(&vm, stream, transfer.clone(), params, &progress_tx, cancel).await;
             let id = transfer.id;
+            this.cancels
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
             match outcome {
                 Ok(SourceOutcome::Committed { commit, .. }) => {
                     this.state.audit(AuditEvent::Commit {
