@@ -123,9 +123,19 @@ pub struct Sandbox {
 }
 
 pub(crate) async fn call(sock: &Path, req: &Request) -> std::io::Result<Response> {
-    let mut stream = tokio::time::timeout(Duration::from_secs(5), UnixStream::connect(sock))
+    let mut stream = connect(sock).await?;
+    exchange(&mut stream, req).await
+}
+
+/// Connects to a VMM socket (bounded wait).
+pub(crate) async fn connect(sock: &Path) -> std::io::Result<UnixStream> {
+    tokio::time::timeout(Duration::from_secs(5), UnixStream::connect(sock))
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+/// One request and its answer on an open VMM connection (bounded wait).
+pub(crate) async fn exchange(stream: &mut UnixStream, req: &Request) -> std::io::Result<Response> {
     let exchange = async {
         stream.write_all(&encode_frame(req)).await?;
         let mut header = [0u8; HEADER_LEN];

@@ -68,15 +68,48 @@ impl VmmAccess for Arc<Vmm> {
     }
 }
 
-/// A VMM reached over its socket.
-#[derive(Debug, Clone)]
-pub struct SocketVmm(pub std::path::PathBuf);
+/// A VMM reached over its socket, on one connection kept open between requests (a fresh
+/// one after any failure).
+#[derive(Debug)]
+pub struct SocketVmm {
+    path: std::path::PathBuf,
+    conn: Mutex<Option<tokio::net::UnixStream>>,
+}
+
+impl SocketVmm {
+    /// A VMM at this socket path.
+    pub fn new(path: std::path::PathBuf) -> Self {
+        Self {
+            path,
+            conn: Mutex::new(None),
+        }
+    }
+}
+
+impl Clone for SocketVmm {
+    /// The same VMM on a connection of its own.
+    fn clone(&self) -> Self {
+        Self::new(self.path.clone())
+    }
+}
 
 impl VmmAccess for SocketVmm {
     async fn call(&self, req: Request) -> Result<Response, EngineError> {
-        crate::hypervisor::call(&self.0, &req)
-            .await
-            .map_err(|e| EngineError::Vmm(e.to_string()))
+        let mut conn = self.conn.lock().await;
+        if conn.is_none() {
+            let stream = crate::hypervisor::connect(&self.path)
+                .await
+                .map_err(|e| EngineError::Vmm(e.to_string()))?;
+            *conn = Some(stream);
+        }
+        let stream = conn.as_mut().expect("connected above");
+        match crate::hypervisor::exchange(stream, &req).await {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                *conn = None;
+                Err(EngineError::Vmm(e.to_string()))
+            }
+        }
     }
 }
 

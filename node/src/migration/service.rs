@@ -338,7 +338,7 @@ impl Migrations {
             side: Side::Target,
             peer: from,
         });
-        let vm = SocketVmm(self.state.vms.dir_of(&offer.vm.id).join(SOCKET_FILE));
+        let vm = SocketVmm::new(self.state.vms.dir_of(&offer.vm.id).join(SOCKET_FILE));
         let accepted = Accepted {
             id: offer.id,
             offer: signed.hash(),
@@ -547,7 +547,7 @@ impl Migrations {
             target,
         };
         tokio::spawn(async move {
-            let vm = SocketVmm(this.state.vms.dir_of(&spec.id).join(SOCKET_FILE));
+            let vm = SocketVmm::new(this.state.vms.dir_of(&spec.id).join(SOCKET_FILE));
             let params = SourceParams { mode, ..params };
             let outcome =
                 run_source(&vm, stream, transfer.clone(), params, &progress_tx, cancel).await;
