@@ -731,3 +731,48 @@ proptest! {
         }
     }
 }
+
+/// A post-copy target with many pages, a few hundred stale, fed full batches: every batch
+/// takes its pages off the missing set (a regression test for the bit set's bookkeeping).
+#[test]
+fn large_postcopy_bookkeeping() {
+    let pages = 81_920u64;
+    let key = SecretKey::from_bytes(&[1; 32]);
+    let accepted = Accepted {
+        id: MigrationId::from_bytes([1; 16]),
+        offer: Hash::of(b"offer"),
+        source: key.public(),
+        mode: Mode::PostCopy,
+        page_count: pages,
+    };
+    let mut rx = Receiver::new(accepted.clone());
+    rx.on_frame(&TransferFrame::Start(Start {
+        id: accepted.id,
+        offer: accepted.offer,
+        mode: Mode::PostCopy,
+        page_size: PAGE_SIZE as u32,
+        page_count: pages,
+    }))
+    .unwrap();
+    let stale: Vec<u64> = (0..800).map(|i| 1 + i * 97).collect();
+    rx.on_frame(&TransferFrame::Stale(StaleRanges {
+        ranges: stale.iter().map(|&p| (p, 1)).collect(),
+    }))
+    .unwrap();
+    rx.on_frame(&TransferFrame::DeviceState(DeviceState::new(vec![1])))
+        .unwrap();
+    assert_eq!(rx.missing_count(), 800);
+    let data = vec![7u8; PAGE_SIZE];
+    let mut left = 800;
+    for chunk in stale.chunks(MAX_PAGES_PER_BATCH) {
+        let frame =
+            TransferFrame::Pages(PageBatch::build(0, chunk.iter().map(|&p| (p, &data[..]))));
+        let Step::WritePages(w) = rx.on_frame(&frame).unwrap() else {
+            panic!("pages expected")
+        };
+        assert_eq!(w.len(), chunk.len());
+        left -= chunk.len() as u64;
+        assert_eq!(rx.missing_count(), left);
+        assert!(chunk.iter().all(|&p| !rx.is_missing(p)));
+    }
+}

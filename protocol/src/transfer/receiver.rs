@@ -156,22 +156,28 @@ impl Bitmap {
             set: 0,
         }
     }
+    fn slot(i: u64) -> (usize, u64) {
+        ((i / 64) as usize, 1u64 << (i % 64))
+    }
     fn get(&self, i: u64) -> bool {
-        self.words[(i / 64) as usize] & (1 << (i % 64)) != 0
+        let (at, mask) = Self::slot(i);
+        self.words[at] & mask != 0
     }
     fn insert(&mut self, i: u64) {
-        let w = &mut self.words[(i / 64) as usize];
-        if *w & (1 << (i % 64)) == 0 {
-            *w |= 1 << (i % 64);
+        let (at, mask) = Self::slot(i);
+        if self.words[at] & mask == 0 {
+            self.words[at] |= mask;
             self.set += 1;
         }
     }
     fn remove(&mut self, i: u64) -> bool {
-        let w = &mut self.words[(i / 64) as usize];
-        let was = *w & (1 << (i % 64)) != 0;
-        *w &= !(1 << (i % 64));
-        self.set -= was as u64;
-        was
+        let (at, mask) = Self::slot(i);
+        if self.words[at] & mask == 0 {
+            return false;
+        }
+        self.words[at] &= !mask;
+        self.set -= 1;
+        true
     }
 }
 
