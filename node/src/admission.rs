@@ -127,22 +127,6 @@ impl Admission {
             .fold(0u32, |acc, r| acc.saturating_add(r.demand_permille))
     }
 
-    /// The open reservation of a migration.
-    pub fn reservation(&self, id: &MigrationId) -> Option<&Reservation> {
-        self.reservations.get(id)
-    }
-
-    /// Extends a reservation while its transfer runs.
-    pub fn hold(&mut self, id: &MigrationId, until: Timestamp) -> bool {
-        match self.reservations.get_mut(id) {
-            Some(r) => {
-                r.until = r.until.max(until);
-                true
-            }
-            None => false,
-        }
-    }
-
     /// Frees a reservation (the VM arrived, or the transfer ended).
     pub fn release(&mut self, id: &MigrationId) -> Option<Reservation> {
         self.reservations.remove(id)

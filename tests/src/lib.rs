@@ -46,6 +46,19 @@ pub fn drift_ok(args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("utf-8 output")
 }
 
+/// Rewrites the `bootstrap = [...]` list of a generated node config.
+pub fn set_bootstrap(config: &std::path::Path, entries: &[String]) {
+    let text = std::fs::read_to_string(config).expect("read config");
+    let start = text
+        .find("bootstrap = [")
+        .expect("config has a bootstrap list");
+    let end = start + text[start..].find("]\n").expect("bootstrap list ends") + 2;
+    let list: Vec<String> = entries.iter().map(|e| format!("    \"{e}\",")).collect();
+    let new = format!("bootstrap = [\n{}\n]\n", list.join("\n"));
+    std::fs::write(config, format!("{}{}{}", &text[..start], new, &text[end..]))
+        .expect("write config");
+}
+
 /// Polls `cond` until it returns `Some` or `timeout` passes.
 pub fn wait_until<T>(
     timeout: Duration,

@@ -18,22 +18,21 @@ use drift_node::identity::read_key;
 use drift_node::mesh::Topic;
 use drift_protocol::codec::encode_frame;
 use drift_protocol::{LoadReport, NodeId, SecretKey, Signed, Timestamp};
-use drift_tests::{wait_until, Cluster};
+use drift_tests::{set_bootstrap, wait_until, Cluster};
 
 const INTERVAL: Duration = Duration::from_millis(300);
 /// A CPU figure no honest node in this test reports: its appearance anywhere is a leak.
 const MARKER_PERMILLE: u16 = 999;
 
+/// Keeps only the bootstrap entries of `config` that contain `keep`.
 fn only_bootstrap(config: &std::path::Path, keep: &str) {
     let text = std::fs::read_to_string(config).unwrap();
-    let start = text.find("bootstrap = [").unwrap();
-    let end = start + text[start..].find("]\n").unwrap() + 2;
-    let kept: Vec<&str> = text[start..end]
+    let kept: Vec<String> = text
         .lines()
-        .filter(|l| l.contains(keep))
+        .filter(|l| l.trim_start().starts_with("\"/ip4/") && l.contains(keep))
+        .map(|l| l.trim().trim_end_matches(',').trim_matches('"').to_string())
         .collect();
-    let new = format!("bootstrap = [\n{}\n]\n", kept.join("\n"));
-    std::fs::write(config, format!("{}{}{}", &text[..start], new, &text[end..])).unwrap();
+    set_bootstrap(config, &kept);
 }
 
 fn report(node: NodeId, seq: u64, issued_at: Timestamp) -> LoadReport {

@@ -8,17 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use drift_node::hypervisor::guest::CANARY;
-use drift_tests::{drift_ok, Cluster};
+use drift_tests::{drift_ok, set_bootstrap, Cluster};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn set_bootstrap(config: &std::path::Path, entries: &[String]) {
-    let text = std::fs::read_to_string(config).unwrap();
-    let start = text.find("bootstrap = [").unwrap();
-    let end = start + text[start..].find("]\n").unwrap() + 2;
-    let list: Vec<String> = entries.iter().map(|e| format!("    \"{e}\",")).collect();
-    let new = format!("bootstrap = [\n{}\n]\n", list.join("\n"));
-    std::fs::write(config, format!("{}{}{}", &text[..start], new, &text[end..])).unwrap();
-}
 
 /// Forwards one TCP connection at a time to `to`, recording every byte in both directions.
 async fn recording_proxy(to: u16, seen: Arc<Mutex<Vec<u8>>>) -> u16 {

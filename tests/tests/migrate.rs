@@ -186,6 +186,10 @@ fn cancel_before_switchover_keeps_the_vm_running_at_home() {
         .trim_end_matches(':')
         .to_string();
     std::thread::sleep(Duration::from_millis(300));
+    // One migration per VM at a time.
+    let twice = drift(&["migrate", "slow", "--to", "node-2", "--socket", &sock(0)]);
+    assert_eq!(twice.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&twice.stderr).contains("already migrating"));
     drift_ok(&["migrate", "--cancel", &id, "--socket", &sock(0)]);
     let state = wait_until(Duration::from_secs(15), Duration::from_millis(100), || {
         let v: serde_json::Value =

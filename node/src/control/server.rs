@@ -354,7 +354,7 @@ async fn start_migration(State(app): State<App>, body: Bytes) -> Response {
                 MigrateError::Vm(HypervisorError::NoSuchVm(_)) | MigrateError::NoSuchNode(_) => {
                     StatusCode::NOT_FOUND
                 }
-                MigrateError::Refused(_) => StatusCode::CONFLICT,
+                MigrateError::Refused(_) | MigrateError::Busy(_) => StatusCode::CONFLICT,
                 MigrateError::ToSelf => StatusCode::UNPROCESSABLE_ENTITY,
                 _ => StatusCode::BAD_GATEWAY,
             };

@@ -360,16 +360,6 @@ impl Sandbox {
         }
     }
 
-    /// Pauses or resumes the VM.
-    pub async fn set_running(&self, name_or_id: &str, run: bool) -> Result<(), HypervisorError> {
-        let spec = self.find(name_or_id)?;
-        let req = if run { Request::Resume } else { Request::Pause };
-        match self.ask(&spec, req).await? {
-            Response::Done => Ok(()),
-            other => Err(unexpected(&spec, other)),
-        }
-    }
-
     /// Stops the VM's VMM and removes its directory.
     pub async fn destroy(&self, name_or_id: &str) -> Result<(), HypervisorError> {
         let spec = self.find(name_or_id)?;

@@ -26,7 +26,7 @@ use drift_protocol::migration::{
     validate_decision, MigrationDecision, MigrationOffer, Mode, RejectReason, Verdict, VmSummary,
 };
 use drift_protocol::transfer::receiver::{Accepted, Receiver};
-use drift_protocol::{AuditEvent, MigrationId, NodeId, SecretKey, Signed};
+use drift_protocol::{AuditEvent, MigrationId, NodeId, SecretKey, Signed, VmId};
 use futures::StreamExt;
 use libp2p::StreamProtocol;
 use rand_core::{OsRng, RngCore};
@@ -54,6 +54,8 @@ const MAX_NEGOTIATION_FRAME: usize = 64 * 1024;
 const MAX_STREAMS: usize = 8;
 /// Finished migrations remembered for `drift migrations`.
 const MAX_FINISHED: usize = 64;
+/// Migrations this node sends at once.
+const MAX_OUTGOING: usize = 4;
 
 /// One migration as `drift migrations` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -84,6 +86,8 @@ pub enum MigrateError {
     Refused(RejectReason),
     #[error("the target's answer is not valid: {0}")]
     BadDecision(String),
+    #[error("{0}")]
+    Busy(String),
 }
 
 /// A migration's view, and its live progress while it runs here as the source.
@@ -98,6 +102,8 @@ pub struct Migrations {
     views: Mutex<BTreeMap<MigrationId, Tracked>>,
     /// Cancel handles of the migrations running here as the source.
     cancels: Mutex<BTreeMap<MigrationId, CancellationToken>>,
+    /// VMs being sent from here: one migration per VM at a time, at most `MAX_OUTGOING`.
+    outgoing: Mutex<std::collections::BTreeSet<VmId>>,
 }
 
 impl std::fmt::Debug for Migrations {
@@ -116,6 +122,7 @@ impl Migrations {
             admission: Mutex::new(Admission::new(Limits::default())),
             views: Mutex::new(BTreeMap::new()),
             cancels: Mutex::new(BTreeMap::new()),
+            outgoing: Mutex::new(std::collections::BTreeSet::new()),
         })
     }
 
@@ -448,6 +455,39 @@ impl Migrations {
         params: SourceParams,
     ) -> Result<MigrationId, MigrateError> {
         let spec = self.state.vms.find(vm)?;
+        {
+            let mut outgoing = self.outgoing.lock().unwrap_or_else(|p| p.into_inner());
+            if outgoing.contains(&spec.id) {
+                return Err(MigrateError::Busy(format!(
+                    "{} is already migrating",
+                    spec.name
+                )));
+            }
+            if outgoing.len() >= MAX_OUTGOING {
+                return Err(MigrateError::Busy(format!(
+                    "{MAX_OUTGOING} migrations are already leaving this node"
+                )));
+            }
+            outgoing.insert(spec.id);
+        }
+        let result = self.offer_and_start(&spec, to, mode, params).await;
+        if result.is_err() {
+            self.outgoing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&spec.id);
+        }
+        result
+    }
+
+    async fn offer_and_start(
+        self: &Arc<Self>,
+        spec: &VmSpec,
+        to: &str,
+        mode: Mode,
+        params: SourceParams,
+    ) -> Result<MigrationId, MigrateError> {
+        let spec = spec.clone();
         let (target, epoch) = {
             let roster = self.state.roster();
             let m = roster
@@ -556,6 +596,10 @@ impl Migrations {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&id);
+            this.outgoing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&spec.id);
             match outcome {
                 Ok(SourceOutcome::Committed { commit, .. }) => {
                     this.state.audit(AuditEvent::Commit {
