@@ -18,6 +18,8 @@
 //! - [`transfer`]: the frames of a live-migration stream, the blake3 memory root, and the two
 //!   state machines that run a transfer: [`transfer::receiver`] (the target, over untrusted
 //!   frames) and [`transfer::sender`] (the source, and when it may resume the VM itself).
+//! - [`policy`]: the balancing policy: overload detection, VM and target choice, a simulator
+//!   and a centralized baseline, as pure functions.
 //! - [`audit`]: [`AuditRecord`], a signed, hash-chained log entry, and the chain verifier.
 //!
 //! ## Wire rules
@@ -38,6 +40,7 @@ pub mod codec;
 pub mod ids;
 pub mod keys;
 pub mod migration;
+pub mod policy;
 pub mod report;
 pub mod roster;
 pub mod signed;
