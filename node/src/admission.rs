@@ -11,7 +11,13 @@
 //! 5. the VM is not already here; concurrent incoming migrations under the limit;
 //! 6. anti-affinity against the VMs here and those reserved;
 //! 7. capacity: memory, and CPU demand staying under the upper threshold, counting every open
-//!    reservation.
+//!    reservation whose VM is not here yet (an incoming VM already counts in the host's own
+//!    demand once its empty copy exists).
+//!
+//! CPU demand is compared in this host's units: an offer carries its VM's demand in permille
+//! of the source's capacity, scaled here by the two hosts' CPU counts from the roster
+//! ([`drift_protocol::policy::scale_demand`]), exactly as the source's policy scaled it when it
+//! chose this host. The upper threshold is the balancing policy's (`balance.upper_permille`).
 //!
 //! Reservations expire; expired ones free their capacity. Everything is bounded: reservations
 //! by `max_incoming`, the replay cache by `MAX_REMEMBERED`, rate windows by the roster size.
@@ -19,6 +25,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use drift_protocol::migration::{validate_offer, MigrationOffer, RejectReason};
+use drift_protocol::policy::{scale_demand, PolicyConfig};
 use drift_protocol::roster::Roster;
 use drift_protocol::{MigrationId, NodeId, Signed, Timestamp, VmId};
 
@@ -41,11 +48,19 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
+        Self::from_policy(&PolicyConfig::default())
+    }
+}
+
+impl Limits {
+    /// The default limits, with the upper threshold of `policy` (the one the sources' own
+    /// policy holds this host to).
+    pub fn from_policy(policy: &PolicyConfig) -> Self {
         Self {
             max_incoming: 2,
             offers_per_source_per_minute: 30,
             reservation_ttl_ms: 30_000,
-            upper_threshold_permille: 800,
+            upper_threshold_permille: policy.upper_permille,
         }
     }
 }
@@ -127,6 +142,21 @@ impl Admission {
             .fold(0u32, |acc, r| acc.saturating_add(r.demand_permille))
     }
 
+    /// CPU demand reserved for incoming VMs that are not in `load` yet: once the empty copy
+    /// of an incoming VM exists it counts in the host's own demand, and counting its
+    /// reservation too would count it twice.
+    pub fn pending_permille(&self, load: &HostLoad) -> u32 {
+        self.reservations
+            .values()
+            .filter(|r| !load.vms.contains(&r.vm))
+            .fold(0u32, |acc, r| acc.saturating_add(r.demand_permille))
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
     /// Frees a reservation (the VM arrived, or the transfer ended).
     pub fn release(&mut self, id: &MigrationId) -> Option<Reservation> {
         self.reservations.remove(id)
@@ -192,10 +222,15 @@ impl Admission {
         let reserved_mem = self
             .reservations
             .values()
+            .filter(|r| !load.vms.contains(&r.vm))
             .fold(0u64, |acc, r| acc.saturating_add(r.memory_mib));
+        // The offer's demand is relative to the source's capacity; this host judges it in its
+        // own (unknown capacity on either side leaves it as it is).
+        let source_cpus = roster.member(from).map_or(0, |m| m.capacity.cpus);
+        let vm_demand = scale_demand(offer.vm.demand_permille, source_cpus, host.capacity.cpus);
         let demand = u64::from(load.demand_permille)
-            .saturating_add(u64::from(self.reserved_permille()))
-            .saturating_add(u64::from(offer.vm.demand_permille));
+            .saturating_add(u64::from(self.pending_permille(load)))
+            .saturating_add(u64::from(vm_demand));
         if load
             .vm_memory_mib
             .saturating_add(reserved_mem)
@@ -210,7 +245,7 @@ impl Admission {
             source: offer.source,
             vm: offer.vm.id,
             memory_mib: offer.vm.memory_mib,
-            demand_permille: offer.vm.demand_permille,
+            demand_permille: vm_demand,
             group: offer.vm.placement.anti_affinity.clone(),
             until: now.plus_millis(self.limits.reservation_ttl_ms),
         };
@@ -297,6 +332,7 @@ mod tests {
                         vcpus: 1,
                         demand_permille: demand,
                         placement,
+                        qemu: None,
                     },
                     mode: Mode::PreCopy,
                     nonce: [self.n; 16],
@@ -412,6 +448,66 @@ mod tests {
             Err(RejectReason::NoCapacity)
         );
         assert_eq!(a.reserved_permille(), 0);
+    }
+
+    #[test]
+    fn demand_is_judged_in_this_hosts_units_and_arrived_vms_count_once() {
+        let mut f = fixture();
+        // The source has half this host's CPUs: its 600‰ VM is 300‰ here.
+        for m in &mut f.roster.members {
+            if m.id == f.src.public() {
+                m.capacity.cpus = 8;
+            }
+        }
+        let mut a = Admission::new(Limits::from_policy(&PolicyConfig::default()));
+        let now = Timestamp(2_000);
+        let me = f.me.public();
+        let o = f.offer(&f.src.clone(), 512, 600, Placement::default());
+        let (offer, r) = a
+            .decide(&o, &f.src.public(), &me, &f.roster, &load(), now)
+            .unwrap();
+        assert_eq!(r.demand_permille, 300);
+        assert_eq!(a.reserved_permille(), 300);
+        // Once the incoming VM exists here it counts in the host's own demand, not twice.
+        let mut arrived = load();
+        arrived.demand_permille += 300;
+        arrived.vm_memory_mib += 512;
+        arrived.vms.push(offer.vm.id);
+        assert_eq!(a.pending_permille(&arrived), 0);
+        assert_eq!(a.pending_permille(&load()), 300);
+        // 600 here + 200 offered = 800: still at the threshold, accepted.
+        let o = f.offer(&f.other.clone(), 1, 200, Placement::default());
+        assert!(a
+            .decide(&o, &f.other.public(), &me, &f.roster, &arrived, now)
+            .is_ok());
+    }
+
+    #[test]
+    fn the_upper_threshold_is_the_policys() {
+        let policy = PolicyConfig {
+            upper_permille: 500,
+            ..PolicyConfig::default()
+        };
+        assert_eq!(Limits::from_policy(&policy).upper_threshold_permille, 500);
+        assert_eq!(
+            Limits::default().upper_threshold_permille,
+            PolicyConfig::default().upper_permille
+        );
+        let mut f = fixture();
+        let mut a = Admission::new(Limits::from_policy(&policy));
+        // 300 here + 201 > 500.
+        let o = f.offer(&f.src.clone(), 1, 201, Placement::default());
+        assert_eq!(
+            a.decide(
+                &o,
+                &f.src.public(),
+                &f.me.public(),
+                &f.roster,
+                &load(),
+                Timestamp(2_000)
+            ),
+            Err(RejectReason::NoCapacity)
+        );
     }
 
     #[test]

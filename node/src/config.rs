@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use drift_protocol::policy::{Detector, MigrationModel, PolicyConfig};
 use drift_protocol::NodeId;
 use libp2p::Multiaddr;
 use serde::{Deserialize, Serialize};
@@ -40,6 +41,8 @@ pub struct Config {
     pub load: LoadSection,
     #[serde(default)]
     pub gossip: GossipSection,
+    #[serde(default)]
+    pub balance: BalanceSection,
 }
 
 /// Identity, membership and network.
@@ -164,6 +167,244 @@ impl Default for GossipSection {
     }
 }
 
+/// How overload is detected (`balance.detector`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DetectorName {
+    /// Above `upper_permille`.
+    #[default]
+    Static,
+    /// Above 1 − safety × median absolute deviation of the recent history.
+    Mad,
+    /// Above 1 − safety × interquartile range of the recent history.
+    Iqr,
+    /// safety × (next sample predicted by local regression) ≥ 1.
+    Lr,
+    /// Local regression made robust against single spikes.
+    Lrr,
+}
+
+/// Decentralized balancing: the autopilot of `drift run` (see `crate::autopilot`).
+///
+/// The thresholds are in permille of the host's CPU capacity, like `vm_demand` in the table
+/// (`drift table --json` shows fractions: 800 permille is 0.8).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalanceSection {
+    /// Run the autopilot. Off: this node never moves a VM on its own (it still admits
+    /// incoming migrations).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Decide and explain, but never offer a VM (`drift decisions` shows what it would do).
+    #[serde(default)]
+    pub dry_run: bool,
+    /// How often the node samples its own load and decides.
+    #[serde(with = "humantime_serde", default = "default_balance_interval")]
+    pub interval: Duration,
+    /// A host above this load is overloaded; no move may push a target above it, and this
+    /// node's admission refuses offers that would push it above it.
+    #[serde(default = "default_upper")]
+    pub upper_permille: u32,
+    /// A host below this load is underloaded.
+    #[serde(default = "default_lower")]
+    pub lower_permille: u32,
+    /// Consecutive samples above the threshold before the host counts as overloaded (and
+    /// not above it before it no longer does).
+    #[serde(default = "default_hysteresis")]
+    pub hysteresis: u32,
+    /// `static` (default), `mad`, `iqr`, `lr` or `lrr`.
+    #[serde(default)]
+    pub detector: DetectorName,
+    /// Safety parameter of an adaptive detector (default: 2.5 for mad, 1.5 for iqr, 1.2 for
+    /// lr and lrr, after Beloglazov & Buyya 2012).
+    pub safety: Option<f64>,
+    /// Samples the local-regression detectors fit their line to.
+    #[serde(default = "default_lr_window")]
+    pub lr_window: usize,
+    /// Load samples kept.
+    #[serde(default = "default_history_len")]
+    pub history_len: usize,
+    /// Adaptive detectors use `upper_permille` until this many samples are held.
+    #[serde(default = "default_min_history")]
+    pub min_history: usize,
+    /// Adaptive thresholds never go below this.
+    #[serde(default = "default_adaptive_floor")]
+    pub adaptive_floor_permille: u32,
+    /// A VM that moved less than this long ago is not moved again (no ping-pong).
+    #[serde(with = "humantime_serde", default = "default_cooldown")]
+    pub cooldown: Duration,
+    /// Peer reports older than this are not trusted for target choice.
+    #[serde(with = "humantime_serde", default = "default_balance_report_age")]
+    pub max_report_age: Duration,
+    /// Bandwidth one migration is assumed to get, for the migration-time estimate.
+    #[serde(default = "default_bandwidth")]
+    pub bandwidth_mib_per_s: u32,
+    /// A target that refused an offer (or could not be reached) is left out for this long,
+    /// plus a random part of as much again.
+    #[serde(with = "humantime_serde", default = "default_refusal_backoff")]
+    pub refusal_backoff: Duration,
+    /// Offers made at most per decision (each to a target that has not just refused).
+    #[serde(default = "default_attempts")]
+    pub max_offers_per_decision: u32,
+    /// Decisions kept for `drift decisions` (`GET /v1/decisions`).
+    #[serde(default = "default_decisions_kept")]
+    pub decisions_kept: usize,
+    /// Seeds the random choices (target sampling, backoff jitter). Default: derived from
+    /// the node id, so runs are reproducible per node.
+    pub seed: Option<u64>,
+}
+
+impl Default for BalanceSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            dry_run: false,
+            interval: default_balance_interval(),
+            upper_permille: default_upper(),
+            lower_permille: default_lower(),
+            hysteresis: default_hysteresis(),
+            detector: DetectorName::Static,
+            safety: None,
+            lr_window: default_lr_window(),
+            history_len: default_history_len(),
+            min_history: default_min_history(),
+            adaptive_floor_permille: default_adaptive_floor(),
+            cooldown: default_cooldown(),
+            max_report_age: default_balance_report_age(),
+            bandwidth_mib_per_s: default_bandwidth(),
+            refusal_backoff: default_refusal_backoff(),
+            max_offers_per_decision: default_attempts(),
+            decisions_kept: default_decisions_kept(),
+            seed: None,
+        }
+    }
+}
+
+/// Most decisions `balance.decisions_kept` may ask for.
+pub const MAX_DECISIONS_KEPT: usize = 4096;
+/// Most offers per decision `balance.max_offers_per_decision` may ask for.
+pub const MAX_OFFERS_PER_DECISION: u32 = 16;
+
+impl BalanceSection {
+    /// The policy these settings describe.
+    pub fn policy(&self) -> PolicyConfig {
+        let d = PolicyConfig::default();
+        let detector = match self.detector {
+            DetectorName::Static => Detector::Static,
+            DetectorName::Mad => Detector::Mad {
+                safety: self.safety.unwrap_or(2.5),
+            },
+            DetectorName::Iqr => Detector::Iqr {
+                safety: self.safety.unwrap_or(1.5),
+            },
+            DetectorName::Lr | DetectorName::Lrr => Detector::LocalRegression {
+                safety: self.safety.unwrap_or(1.2),
+                window: self.lr_window,
+                robust: self.detector == DetectorName::Lrr,
+            },
+        };
+        PolicyConfig {
+            upper_permille: self.upper_permille,
+            lower_permille: self.lower_permille,
+            hysteresis: self.hysteresis,
+            detector,
+            history_len: self.history_len,
+            min_history: self.min_history,
+            adaptive_floor_permille: self.adaptive_floor_permille,
+            cooldown_ms: u64::try_from(self.cooldown.as_millis()).unwrap_or(u64::MAX),
+            max_report_age_ms: u64::try_from(self.max_report_age.as_millis()).unwrap_or(u64::MAX),
+            migration: MigrationModel {
+                bandwidth_mib_per_s: self.bandwidth_mib_per_s,
+                ..d.migration
+            },
+        }
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.interval < Duration::from_millis(100) || self.interval > Duration::from_secs(3600) {
+            return Err(("balance.interval", "must be between 100ms and 1h".into()));
+        }
+        if self.max_offers_per_decision == 0
+            || self.max_offers_per_decision > MAX_OFFERS_PER_DECISION
+        {
+            return Err((
+                "balance.max_offers_per_decision",
+                format!("must be between 1 and {MAX_OFFERS_PER_DECISION}"),
+            ));
+        }
+        if self.decisions_kept == 0 || self.decisions_kept > MAX_DECISIONS_KEPT {
+            return Err((
+                "balance.decisions_kept",
+                format!("must be between 1 and {MAX_DECISIONS_KEPT}"),
+            ));
+        }
+        if self.refusal_backoff > Duration::from_secs(3600) {
+            return Err(("balance.refusal_backoff", "must be at most 1h".into()));
+        }
+        self.policy().validate().map_err(|e| {
+            let key = match e.field {
+                "upper_permille" => "balance.upper_permille",
+                "lower_permille" => "balance.lower_permille",
+                "hysteresis" => "balance.hysteresis",
+                "history_len" => "balance.history_len",
+                "min_history" => "balance.min_history",
+                "adaptive_floor_permille" => "balance.adaptive_floor_permille",
+                "detector.safety" => "balance.safety",
+                "detector.window" => "balance.lr_window",
+                "migration.bandwidth_mib_per_s" => "balance.bandwidth_mib_per_s",
+                _ => "balance",
+            };
+            (key, e.reason.to_string())
+        })
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_balance_interval() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_upper() -> u32 {
+    PolicyConfig::default().upper_permille
+}
+fn default_lower() -> u32 {
+    PolicyConfig::default().lower_permille
+}
+fn default_hysteresis() -> u32 {
+    PolicyConfig::default().hysteresis
+}
+fn default_lr_window() -> usize {
+    10
+}
+fn default_history_len() -> usize {
+    PolicyConfig::default().history_len
+}
+fn default_min_history() -> usize {
+    PolicyConfig::default().min_history
+}
+fn default_adaptive_floor() -> u32 {
+    PolicyConfig::default().adaptive_floor_permille
+}
+fn default_cooldown() -> Duration {
+    Duration::from_millis(PolicyConfig::default().cooldown_ms)
+}
+fn default_balance_report_age() -> Duration {
+    Duration::from_millis(PolicyConfig::default().max_report_age_ms)
+}
+fn default_bandwidth() -> u32 {
+    PolicyConfig::default().migration.bandwidth_mib_per_s
+}
+fn default_refusal_backoff() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_attempts() -> u32 {
+    3
+}
+fn default_decisions_kept() -> usize {
+    64
+}
+
 fn default_listen() -> Vec<Multiaddr> {
     vec!["/ip4/0.0.0.0/tcp/7400".parse().expect("valid multiaddr")]
 }
@@ -281,7 +522,7 @@ impl Config {
                 "must be at least load.interval".into(),
             ));
         }
-        Ok(())
+        self.balance.validate()
     }
 
     /// The admin API socket.
@@ -336,5 +577,55 @@ mod tests {
             load("[node]\nkey = \"k\"\nroster = \"r\"\nadmin = \"nope\"\nstate_dir = \"s\"\n")
                 .unwrap_err();
         assert!(err.to_string().contains("admin"), "{err}");
+    }
+
+    #[test]
+    fn balance_is_on_by_default_and_maps_onto_the_policy() {
+        let base = format!(
+            "[node]\nkey = \"k\"\nroster = \"r\"\nadmin = \"{ADMIN}\"\nstate_dir = \"s\"\n"
+        );
+        let c = load(&base).unwrap();
+        assert!(c.balance.enabled && !c.balance.dry_run);
+        assert_eq!(c.balance.policy(), PolicyConfig::default());
+        let c = load(&format!(
+            "{base}[balance]\nenabled = false\ndry_run = true\ninterval = \"500ms\"\n\
+             upper_permille = 700\nhysteresis = 2\ndetector = \"lrr\"\ncooldown = \"10m\"\n\
+             seed = 7\n"
+        ))
+        .unwrap();
+        let p = c.balance.policy();
+        assert!(!c.balance.enabled && c.balance.dry_run);
+        assert_eq!(c.balance.interval, Duration::from_millis(500));
+        assert_eq!(
+            (p.upper_permille, p.hysteresis, p.cooldown_ms),
+            (700, 2, 600_000)
+        );
+        assert_eq!(p.detector, Detector::local_regression(true));
+        assert_eq!(c.balance.seed, Some(7));
+    }
+
+    #[test]
+    fn balance_errors_name_the_key() {
+        let base = format!(
+            "[node]\nkey = \"k\"\nroster = \"r\"\nadmin = \"{ADMIN}\"\nstate_dir = \"s\"\n"
+        );
+        for (settings, key) in [
+            ("upper_permille = 0", "balance.upper_permille"),
+            ("lower_permille = 900", "balance.lower_permille"),
+            ("hysteresis = 0", "balance.hysteresis"),
+            ("detector = \"mad\"\nsafety = -1.0", "balance.safety"),
+            ("detector = \"lr\"\nlr_window = 2", "balance.lr_window"),
+            ("interval = \"1ms\"", "balance.interval"),
+            ("decisions_kept = 0", "balance.decisions_kept"),
+            (
+                "max_offers_per_decision = 100",
+                "balance.max_offers_per_decision",
+            ),
+            ("detector = \"magic\"", "detector"),
+            ("bogus = 1", "bogus"),
+        ] {
+            let err = load(&format!("{base}[balance]\n{settings}\n")).unwrap_err();
+            assert!(err.to_string().contains(key), "{settings}: {err}");
+        }
     }
 }

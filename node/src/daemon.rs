@@ -1,7 +1,8 @@
 //! `drift run`: starts every part of a node in order and stops them in reverse.
 //!
 //! Start: key → state directory → roster (the newer of the configured file and the last
-//! adopted one, both verified against the admin key) → peer table → mesh → monitor → admin API.
+//! adopted one, both verified against the admin key) → peer table → mesh → migrations →
+//! monitor → balancing autopilot (unless `balance.enabled = false`) → admin API.
 //! Stop (SIGINT/SIGTERM or [`Running::shutdown`]): one cancellation token stops every task;
 //! the node waits for each, then removes its socket. Every file it writes is written atomically,
 //! so stopping at any point leaves nothing half-written.
@@ -18,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
 use crate::audit::AuditLog;
+use crate::autopilot::{Autopilot, DecisionLog};
 use crate::config::Config;
 use crate::identity::{read_key, read_signed_roster, FileError};
 use crate::mesh::{self, Client, MeshConfig, MeshError};
@@ -52,6 +54,8 @@ pub enum StartError {
     Api(#[from] crate::control::server::ServeError),
     #[error("another drift node is running on state directory {0}")]
     Locked(PathBuf),
+    #[error(transparent)]
+    Migrations(#[from] crate::migration::service::ServiceError),
 }
 
 /// A started node.
@@ -193,21 +197,30 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .instrument(span.clone()),
     );
 
-    let monitor = Monitor::new(&config.load, &me).map_err(StartError::Monitor)?;
-    tasks.spawn(
-        monitor::run(
-            monitor,
-            key.clone(),
-            state.clone(),
-            client.clone(),
-            config.load.interval,
-            cancel.clone(),
-        )
-        .instrument(span.clone()),
-    );
+    let monitor = match Monitor::new(&config.load, &me) {
+        Ok(m) => m,
+        Err(e) => {
+            cancel.cancel();
+            while tasks.join_next().await.is_some() {}
+            return Err(StartError::Monitor(e));
+        }
+    };
 
-    let migrations =
-        crate::migration::service::Migrations::new(state.clone(), client.clone(), key.clone());
+    let migrations = match crate::migration::service::Migrations::new(
+        state.clone(),
+        client.clone(),
+        key.clone(),
+        cancel.clone(),
+    ) {
+        Ok(m) => m,
+        Err(e) => {
+            cancel.cancel();
+            while tasks.join_next().await.is_some() {}
+            return Err(e.into());
+        }
+    };
+    // Target records settle before any resolve query is answered.
+    migrations.recover().await;
     let acceptor = migrations.spawn_acceptor(cancel.clone());
     tasks.spawn(
         async move {
@@ -216,12 +229,40 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .instrument(span.clone()),
     );
 
+    // The monitor reports the capacity reserved for incoming migrations.
+    tasks.spawn(
+        monitor::run(
+            monitor,
+            key.clone(),
+            state.clone(),
+            client.clone(),
+            migrations.clone(),
+            config.load.interval,
+            cancel.clone(),
+        )
+        .instrument(span.clone()),
+    );
+
+    let decisions = Arc::new(DecisionLog::new(&config.balance));
+    if config.balance.enabled {
+        let pilot = Autopilot::new(
+            &config.balance,
+            state.clone(),
+            migrations.clone(),
+            decisions.clone(),
+        );
+        tasks.spawn(pilot.run(cancel.clone()).instrument(span.clone()));
+    } else {
+        info!("balancing autopilot off (balance.enabled = false)");
+    }
+
     let socket = config.socket_path();
     let api = crate::control::server::bind(
         &socket,
         state.clone(),
         client.clone(),
         migrations.clone(),
+        decisions,
         cancel.clone(),
     )
     .await;

@@ -13,6 +13,7 @@
 
 pub mod admission;
 pub mod audit;
+pub mod autopilot;
 pub mod bench;
 pub mod cli;
 pub mod clock;

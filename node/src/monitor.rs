@@ -8,6 +8,11 @@
 //! - Synthetic source (testnets on one machine): `synthetic_cpu` plus a slow sine wave whose
 //!   phase comes from the node id, or a replayed trace of percentages, one per interval.
 //!
+//! - VMs: their count and summed CPU demand ([`vm_load`]; permille of this host's capacity),
+//!   and the demand reserved for accepted incoming migrations whose VM is not here yet
+//!   ([`pending_reserved`]), so other hosts see capacity this host has promised. The balancing
+//!   autopilot samples the same [`vm_load`], so it acts on the number its peers see.
+//!
 //! The report's `seq` is `max(previous + 1, now in ms)`, so it keeps growing across restarts
 //! without any state on disk.
 
@@ -23,6 +28,7 @@ use tracing::{debug, warn};
 
 use crate::config::{LoadSection, LoadSource};
 use crate::mesh::{Client, Topic};
+use crate::migration::service::Migrations;
 use crate::state::NodeState;
 
 const RAPL_ENERGY: &str = "/sys/class/powercap/intel-rapl:0/energy_uj";
@@ -244,6 +250,31 @@ pub fn build_report(
     }
 }
 
+/// The VMs this node holds (incoming ones included) and their summed CPU demand, permille of
+/// this host's capacity, as the load report carries them.
+pub fn vm_load(state: &NodeState) -> (u32, u32) {
+    let (count, demand) = state.vms.summary();
+    (
+        count,
+        demand.min(drift_protocol::report::MAX_DEMAND_PERMILLE),
+    )
+}
+
+/// CPU demand reserved for accepted incoming migrations whose VM is not here yet: `reserved`
+/// (every open reservation) less the demand of the incoming VMs already created, which
+/// [`vm_load`] counts.
+pub fn pending_reserved(state: &NodeState, reserved: u32) -> u32 {
+    let incoming = state
+        .vms
+        .specs()
+        .iter()
+        .filter(|s| s.incoming)
+        .fold(0u32, |acc, s| acc.saturating_add(s.demand_permille));
+    reserved
+        .saturating_sub(incoming)
+        .min(drift_protocol::report::MAX_DEMAND_PERMILLE)
+}
+
 /// Samples every interval, signs the report, puts it in the node's own table row and
 /// publishes it, until `cancel`.
 pub async fn run(
@@ -251,6 +282,7 @@ pub async fn run(
     key: SecretKey,
     state: Arc<NodeState>,
     mesh: Client,
+    migrations: Arc<Migrations>,
     interval: Duration,
     cancel: CancellationToken,
 ) {
@@ -265,9 +297,10 @@ pub async fn run(
         let sample = monitor.sample();
         let epoch = state.roster().roster.epoch;
         let mut report = build_report(state.me, seq, crate::clock::now(), epoch, &sample);
-        let (vm_count, vm_demand) = state.vms.summary();
+        let (vm_count, vm_demand) = vm_load(&state);
         report.vm_count = vm_count;
-        report.vm_demand_permille = vm_demand.min(drift_protocol::report::MAX_DEMAND_PERMILLE);
+        report.vm_demand_permille = vm_demand;
+        report.reserved_permille = pending_reserved(&state, migrations.reserved_permille());
         seq = report.seq;
         let frame = encode_frame(&Signed::sign(&report, &key));
         state.table().insert(report, Instant::now());

@@ -2,8 +2,9 @@
 //!
 //! Creates (or reuses) a directory with an admin key, one key per node, a roster signed by the
 //! admin and one config per node; starts one `drift run` process per node on 127.0.0.1; waits
-//! until every node's table holds every node alive; prints the table; then runs until Ctrl-C
-//! (or, with `--check`, exits). Children are stopped with SIGTERM (SIGKILL after a grace
+//! until every node's table holds every node alive; prints the table; starts the sandbox VMs
+//! (`--vms-per-node K`, spread unevenly with `--skew S` so the balancing autopilot has work);
+//! then runs until Ctrl-C (or, with `--check`, exits). Children are stopped with SIGTERM (SIGKILL after a grace
 //! period), and the directory is left ready for the next run: keys are kept, configs and the
 //! roster are rewritten.
 //!
@@ -66,27 +67,67 @@ pub struct TestnetArgs {
     /// Memory of each testnet VM.
     #[arg(long, default_value_t = 64)]
     pub vm_memory_mib: u64,
+    /// Uneven placement of the nodes × vms-per-node VMs: node i gets a share proportional
+    /// to (1 − skew)^i (0: even; 1: all on node-1), so the balancing autopilot has work to do
+    /// (watch it with `drift table --watch`, `drift migrations` and `drift decisions`).
+    #[arg(long, default_value_t = 0.0)]
+    pub skew: f64,
 }
 
-/// Starts `per_node` VMs on every node (skipping names that already exist).
-async fn start_vms(nodes: &[TestnetNode], per_node: usize, memory_mib: u64) -> anyhow::Result<()> {
+/// One VM a testnet starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedVm {
+    /// Index of the node it starts on.
+    pub node: usize,
+    pub name: String,
+    /// CPU demand, fraction of a host.
+    pub demand: f64,
+}
+
+/// The VMs of a testnet of `nodes` nodes: `nodes × per_node` VMs, node i getting a share
+/// proportional to `(1 − skew)^i` ([`drift_protocol::policy::cluster::skewed_counts`]), each
+/// with a demand of 5% to 25% of a host (mean 15%), named `vm-<node>-<k>`. With `skew` 0
+/// every node gets `per_node`.
+pub fn plan_vms(nodes: usize, per_node: usize, skew: f64) -> Vec<PlannedVm> {
+    let counts =
+        drift_protocol::policy::cluster::skewed_counts(nodes.saturating_mul(per_node), nodes, skew);
+    let mut out = Vec::new();
+    let mut g = 0usize;
+    for (i, count) in counts.into_iter().enumerate() {
+        for k in 0..count {
+            out.push(PlannedVm {
+                node: i,
+                name: format!("vm-{}-{}", i + 1, k + 1),
+                demand: 0.05 + 0.2 * (g % 5) as f64 / 4.0,
+            });
+            g += 1;
+        }
+    }
+    out
+}
+
+/// Starts the planned VMs (skipping names that already exist on their node).
+async fn start_vms(
+    nodes: &[TestnetNode],
+    plan: &[PlannedVm],
+    memory_mib: u64,
+) -> anyhow::Result<()> {
     for (i, n) in nodes.iter().enumerate() {
         let existing: crate::control::VmsView = client::get(&n.socket, "/v1/vms").await?;
-        for k in 0..per_node {
-            let name = format!("vm-{}-{}", i + 1, k + 1);
-            if existing.vms.iter().any(|v| v.name == name) {
+        for vm in plan.iter().filter(|v| v.node == i) {
+            if existing.vms.iter().any(|v| v.name == vm.name) {
                 continue;
             }
             let req = crate::control::CreateVm {
-                name,
+                name: vm.name.clone(),
                 memory_mib,
                 vcpus: 1,
-                // 5% to 25% of a host each.
-                demand: 0.05 + 0.2 * ((i * per_node + k) % 5) as f64 / 4.0,
+                demand: vm.demand,
                 dirty_mib_per_s: 2.0,
                 jurisdictions: Vec::new(),
                 regions: Vec::new(),
                 anti_affinity: None,
+                qemu: None,
             };
             let _: crate::hypervisor::VmView =
                 client::post(&n.socket, "/v1/vms", serde_json::to_vec(&req)?).await?;
@@ -284,7 +325,9 @@ pub fn generate_with(
              synthetic_mem_mib = 65536\n\n\
              [gossip]\n\
              suspect_after = \"{suspect}\"\n\
-             gone_after = \"{gone}\"\n",
+             gone_after = \"{gone}\"\n\n\
+             [balance]\n\
+             interval = \"{interval}\"\n",
             name = n.name,
             admin = admin.public(),
             port = n.port,
@@ -354,6 +397,9 @@ fn log_tail(path: &Path) -> String {
 }
 
 pub(crate) fn run(args: TestnetArgs) -> anyhow::Result<ExitCode> {
+    if !(0.0..=1.0).contains(&args.skew) {
+        bail!("--skew must be between 0.0 and 1.0");
+    }
     let nodes = generate(&args.dir, args.nodes, args.base_port, args.interval)?;
     let dir = args.dir.canonicalize()?;
     if args.generate_only {
@@ -417,16 +463,33 @@ pub(crate) fn run(args: TestnetArgs) -> anyhow::Result<ExitCode> {
         );
         print!("{}", crate::cli::render_table(&table));
         if args.vms_per_node > 0 {
-            if let Err(e) = start_vms(&nodes, args.vms_per_node, args.vm_memory_mib).await {
+            let plan = plan_vms(nodes.len(), args.vms_per_node, args.skew);
+            if let Err(e) = start_vms(&nodes, &plan, args.vm_memory_mib).await {
                 eprintln!("could not start the testnet's VMs: {e:#}");
                 destroy_vms(&nodes).await;
                 reap(&mut children).await;
                 return Ok(ExitCode::FAILURE);
             }
-            println!(
-                "\nstarted {} sandbox VMs per node (drift vms --socket ...)",
-                args.vms_per_node
-            );
+            if args.skew > 0.0 {
+                let per: Vec<String> = (0..nodes.len())
+                    .map(|i| {
+                        let on = plan.iter().filter(|v| v.node == i);
+                        let demand: f64 = on.clone().map(|v| v.demand).sum();
+                        format!("{} {} ({:.0}%)", nodes[i].name, on.count(), demand * 100.0)
+                    })
+                    .collect();
+                println!(
+                    "\nstarted {} sandbox VMs, skew {}: {}",
+                    plan.len(),
+                    args.skew,
+                    per.join(", ")
+                );
+            } else {
+                println!(
+                    "\nstarted {} sandbox VMs per node (drift vms --socket ...)",
+                    args.vms_per_node
+                );
+            }
         }
         if args.check {
             destroy_vms(&nodes).await;
@@ -434,7 +497,9 @@ pub(crate) fn run(args: TestnetArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         println!(
-            "\nwatch it:  drift table --watch --socket {}\n           drift peers --socket {}\nCtrl-C stops every node.",
+            "\nwatch it:  drift table --watch --socket {}\n           drift peers --socket {}\n           drift migrations --socket {}\n           drift decisions --socket {}\nCtrl-C stops every node.",
+            nodes[0].socket.display(),
+            nodes[0].socket.display(),
             nodes[0].socket.display(),
             nodes[0].socket.display()
         );
@@ -466,5 +531,32 @@ async fn wait_any_exit(children: &mut [(String, Child)]) -> String {
             return name;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_plans_are_even_without_skew_and_front_loaded_with_it() {
+        let even = plan_vms(4, 3, 0.0);
+        assert_eq!(even.len(), 12);
+        for i in 0..4 {
+            assert_eq!(even.iter().filter(|v| v.node == i).count(), 3);
+        }
+        assert_eq!(even[0].name, "vm-1-1");
+        let skewed = plan_vms(6, 4, 0.5);
+        assert_eq!(skewed.len(), 24);
+        let counts: Vec<usize> = (0..6)
+            .map(|i| skewed.iter().filter(|v| v.node == i).count())
+            .collect();
+        assert!(counts.windows(2).all(|w| w[0] >= w[1]), "{counts:?}");
+        assert!(counts[0] > 4 * 2, "{counts:?}");
+        assert!(skewed.iter().all(|v| (0.05..=0.25).contains(&v.demand)));
+        let mut names: Vec<&str> = skewed.iter().map(|v| v.name.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), 24, "names are unique");
     }
 }

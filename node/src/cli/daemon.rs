@@ -199,6 +199,14 @@ pub(crate) fn render_table(v: &TableView) -> String {
                         )
                     })),
                     opt(r.vms.map(|n| n.to_string())),
+                    // The VMs' CPU demand (what balancing acts on), and any reserved for
+                    // accepted incoming migrations.
+                    opt(r.vm_demand.map(|d| match r.reserved {
+                        Some(res) if res > 0.0 => {
+                            format!("{:.0}%+{:.0}%", d * 100.0, res * 100.0)
+                        }
+                        _ => format!("{:.0}%", d * 100.0),
+                    })),
                     r.labels
                         .iter()
                         .map(|(k, v)| format!("{k}={v}"))
@@ -209,7 +217,7 @@ pub(crate) fn render_table(v: &TableView) -> String {
             .collect();
     super::table::render(
         &[
-            "NAME", "ID", "STATE", "AGE", "CPU", "MEM", "POWER", "VMS", "LABELS",
+            "NAME", "ID", "STATE", "AGE", "CPU", "MEM", "POWER", "VMS", "DEMAND", "LABELS",
         ],
         &rows,
     )

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 mod audit;
 mod bench;
 mod daemon;
+mod decisions;
 mod keys;
 mod migrate;
 mod roster;
@@ -52,6 +53,8 @@ pub enum Command {
     Migrate(migrate::MigrateArgs),
     /// Running and recent migrations of this node.
     Migrations(migrate::MigrationsArgs),
+    /// The balancing autopilot's newest decisions: why this VM, why this target, or why nothing.
+    Decisions(decisions::DecisionsArgs),
     /// List the node's VMs.
     Vms(vm::VmsArgs),
     /// Manage the node's VMs.
@@ -98,6 +101,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Vms(args) => vm::vms(args),
         Command::Migrate(args) => migrate::migrate(args),
         Command::Migrations(args) => migrate::migrations(args),
+        Command::Decisions(args) => decisions::decisions(args),
         Command::Vm(cmd) => vm::run(cmd),
         Command::Vmm(args) => vm::vmm(args),
     }

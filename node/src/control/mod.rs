@@ -17,6 +17,7 @@
 //! | GET | `/v1/migrations` | running and recent migrations |
 //! | POST | `/v1/migrations` | move a VM to another node (`StartMigration`) |
 //! | POST | `/v1/migrations/{id}/cancel` | cancel one (before switchover the VM stays here) |
+//! | GET | `/v1/decisions` | the balancing autopilot's newest decisions, explained |
 
 pub mod client;
 pub mod server;
@@ -107,6 +108,9 @@ pub struct CreateVm {
     pub regions: Vec<String>,
     #[serde(default)]
     pub anti_affinity: Option<String>,
+    /// A QEMU VM (its machine); absent: a sandbox VM.
+    #[serde(default)]
+    pub qemu: Option<crate::hypervisor::qemu::QemuSpec>,
 }
 
 fn one() -> u32 {
@@ -139,6 +143,20 @@ pub struct StartMigration {
     pub mode: drift_protocol::migration::Mode,
     pub downtime_limit_ms: Option<u64>,
     pub bandwidth_cap_bytes_per_s: Option<u64>,
+}
+
+/// `GET /v1/decisions`: the balancing autopilot's newest decisions, oldest first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DecisionsView {
+    pub version: u32,
+    pub node: NodeId,
+    /// Whether the autopilot runs (`balance.enabled`).
+    pub enabled: bool,
+    /// Whether it only logs (`balance.dry_run`).
+    pub dry_run: bool,
+    /// The upper threshold, permille of capacity (`balance.upper_permille`).
+    pub upper_permille: u32,
+    pub decisions: Vec<crate::autopilot::DecisionRecord>,
 }
 
 /// An error body.

@@ -18,9 +18,10 @@ use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    CreateVm, ErrorView, MigrationsView, PeersView, RosterPushView, StartMigration, StatusView,
-    TableView, VerifyView, VmsView, API_VERSION,
+    CreateVm, DecisionsView, ErrorView, MigrationsView, PeersView, RosterPushView, StartMigration,
+    StatusView, TableView, VerifyView, VmsView, API_VERSION,
 };
+use crate::autopilot::DecisionLog;
 use crate::hypervisor::{HypervisorError, VmSpec};
 use crate::mesh::{Client, MAX_GOSSIP_MESSAGE};
 use crate::migration::service::{MigrateError, Migrations};
@@ -32,6 +33,7 @@ struct App {
     state: Arc<NodeState>,
     mesh: Client,
     migrations: Arc<Migrations>,
+    decisions: Arc<DecisionLog>,
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -63,6 +65,7 @@ pub async fn bind(
     state: Arc<NodeState>,
     mesh: Client,
     migrations: Arc<Migrations>,
+    decisions: Arc<DecisionLog>,
     cancel: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, ServeError> {
     let bind_err = |source| ServeError::Bind {
@@ -92,10 +95,12 @@ pub async fn bind(
         .layer(DefaultBodyLimit::max(MAX_GOSSIP_MESSAGE))
         .route("/v1/migrations", get(list_migrations).post(start_migration))
         .route("/v1/migrations/{id}/cancel", post(cancel_migration))
+        .route("/v1/decisions", get(list_decisions))
         .with_state(App {
             state,
             mesh,
             migrations,
+            decisions,
         });
     let path = path.to_owned();
     Ok(tokio::spawn(async move {
@@ -287,6 +292,7 @@ async fn create_vm(State(app): State<App>, body: Bytes) -> Response {
         },
         seed: rand_core::RngCore::next_u64(&mut rand_core::OsRng) >> 1,
         incoming: false,
+        qemu: req.qemu,
     };
     match app.state.vms.create(spec).await {
         Ok(vm) => Json(vm).into_response(),
@@ -381,4 +387,16 @@ async fn cancel_migration(
             format!("no migration {id} is being sent from this node"),
         )
     }
+}
+
+async fn list_decisions(State(app): State<App>) -> Response {
+    Json(DecisionsView {
+        version: API_VERSION,
+        node: app.state.me,
+        enabled: app.decisions.enabled(),
+        dry_run: app.decisions.dry_run(),
+        upper_permille: app.decisions.upper_permille(),
+        decisions: app.decisions.snapshot(),
+    })
+    .into_response()
 }
