@@ -137,6 +137,15 @@ impl NodeState {
         }
     }
 
+    /// The path of the audit log.
+    pub fn audit_path(&self) -> PathBuf {
+        self.audit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .path()
+            .to_owned()
+    }
+
     /// The path of the adopted roster in the state directory.
     pub fn adopted_roster_path(&self) -> PathBuf {
         self.state_dir.join("roster.current")

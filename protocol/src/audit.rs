@@ -83,6 +83,13 @@ pub enum AuditEvent {
         peer: Option<NodeId>,
         reason: String,
     },
+    /// After losing contact, the source learned from the target what became of a migration
+    /// (`outcome` is a [`crate::migration::ResolveOutcome`] label), or the target answered.
+    Resolved {
+        id: MigrationId,
+        side: Side,
+        outcome: String,
+    },
 }
 
 /// One entry of a node's audit log.

@@ -158,6 +158,43 @@ pub struct VmSummary {
     /// CPU demand, permille of the source host's capacity.
     pub demand_permille: u32,
     pub placement: Placement,
+    /// A QEMU VM: how the target starts the QEMU that receives it. `None`: a sandbox VM.
+    pub qemu: Option<QemuVm>,
+}
+
+/// Most extra QEMU arguments in an offer.
+pub const MAX_QEMU_ARGS: usize = 64;
+/// Longest path, command line or argument in a [`QemuVm`].
+pub const MAX_QEMU_TEXT: usize = 4096;
+/// Most multifd channels of a QEMU migration.
+pub const MAX_MULTIFD_CHANNELS: u32 = 16;
+
+/// A QEMU VM's machine, as the target must recreate it to receive the migration. Paths name
+/// files that must exist on the target (shared or identical images).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QemuVm {
+    pub kernel: String,
+    pub initrd: Option<String>,
+    pub append: String,
+    pub disk: Option<String>,
+    #[serde(deserialize_with = "crate::bounded::seq::<_, _, MAX_QEMU_ARGS>")]
+    pub extra_args: Vec<String>,
+    /// Parallel migration channels (multifd); 0 is one stream.
+    pub multifd_channels: u32,
+}
+
+impl QemuVm {
+    fn well_formed(&self) -> bool {
+        let text_ok = |t: &str| t.len() <= MAX_QEMU_TEXT && !t.contains('\0');
+        let path_ok = |p: &str| text_ok(p) && p.starts_with('/');
+        path_ok(&self.kernel)
+            && self.initrd.as_deref().is_none_or(path_ok)
+            && self.disk.as_deref().is_none_or(path_ok)
+            && text_ok(&self.append)
+            && self.extra_args.len() <= MAX_QEMU_ARGS
+            && self.extra_args.iter().all(|a| text_ok(a))
+            && self.multifd_channels <= MAX_MULTIFD_CHANNELS
+    }
 }
 
 /// A source's signed proposal to move one VM to one target.
@@ -300,6 +337,7 @@ pub fn validate_offer(
         || offer.vm.vcpus == 0
         || offer.vm.vcpus > MAX_VCPUS
         || offer.vm.demand_permille > crate::report::MAX_DEMAND_PERMILLE
+        || !offer.vm.qemu.as_ref().is_none_or(QemuVm::well_formed)
     {
         return Err(RejectReason::BadOffer);
     }
@@ -325,6 +363,116 @@ pub fn validate_decision(
         return Err(RejectReason::BadOffer);
     }
     Ok(decision)
+}
+
+/// After losing contact in the window where it cannot tell whether the target committed, the
+/// source asks the target what became of the migration. The VM stays paused at the source
+/// until an answer arrives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResolveQuery {
+    pub id: MigrationId,
+    pub source: NodeId,
+    pub target: NodeId,
+    pub asked_at: Timestamp,
+}
+
+impl Signable for ResolveQuery {
+    const DOMAIN: &'static str = "drift/resolve-query/v1";
+}
+
+/// What became of a migration, as its target knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ResolveOutcome {
+    /// The target verified the memory, durably recorded the commit and runs the VM: the source
+    /// destroys its copy.
+    Committed { root: Hash },
+    /// The VM never ran on the target and never will under this migration id (the transfer
+    /// ended, the incoming copy is discarded): the source resumes the VM.
+    NeverRan,
+    /// Post-copy: the VM runs on the target but not every page arrived. The source must not
+    /// resume its copy (the guest ran on past it).
+    RunningIncomplete,
+    /// The target is still working on this migration: ask again later.
+    InProgress,
+}
+
+impl ResolveOutcome {
+    /// A stable, short label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ResolveOutcome::Committed { .. } => "committed",
+            ResolveOutcome::NeverRan => "never_ran",
+            ResolveOutcome::RunningIncomplete => "running_incomplete",
+            ResolveOutcome::InProgress => "in_progress",
+        }
+    }
+}
+
+/// The target's signed answer to a [`ResolveQuery`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResolveAnswer {
+    pub id: MigrationId,
+    /// Hash of the `Signed<ResolveQuery>` this answers.
+    pub query: Hash,
+    pub source: NodeId,
+    pub target: NodeId,
+    pub outcome: ResolveOutcome,
+    pub answered_at: Timestamp,
+}
+
+impl Signable for ResolveAnswer {
+    const DOMAIN: &'static str = "drift/resolve-answer/v1";
+}
+
+/// Why a resolve query or answer is not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    #[error("signature does not verify or the payload is malformed")]
+    BadSignature,
+    #[error("signed by someone other than the party it names")]
+    WrongSigner,
+    #[error("addressed to another node")]
+    NotForMe,
+    #[error("does not answer this query")]
+    Mismatch,
+}
+
+/// What the target checks on a query that arrived from `peer` (the stream's authenticated
+/// peer): signed by that peer, naming it as the source and this node as the target.
+pub fn validate_resolve_query(
+    signed: &Signed<ResolveQuery>,
+    peer: &NodeId,
+    me: &NodeId,
+) -> Result<ResolveQuery, ResolveError> {
+    let query = signed
+        .verify_by(peer)
+        .map_err(|_| ResolveError::WrongSigner)?;
+    if &query.source != peer {
+        return Err(ResolveError::WrongSigner);
+    }
+    if &query.target != me {
+        return Err(ResolveError::NotForMe);
+    }
+    Ok(query)
+}
+
+/// What the source checks on an answer: signed by the query's target, for this query.
+pub fn validate_resolve_answer(
+    signed: &Signed<ResolveAnswer>,
+    query: &Signed<ResolveQuery>,
+    query_value: &ResolveQuery,
+) -> Result<ResolveAnswer, ResolveError> {
+    let answer = signed
+        .verify_by(&query_value.target)
+        .map_err(|_| ResolveError::WrongSigner)?;
+    if answer.query != query.hash()
+        || answer.id != query_value.id
+        || answer.source != query_value.source
+        || answer.target != query_value.target
+    {
+        return Err(ResolveError::Mismatch);
+    }
+    Ok(answer)
 }
 
 #[cfg(test)]
@@ -373,6 +521,7 @@ mod tests {
                 vcpus: 1,
                 demand_permille: 100,
                 placement: Placement::default(),
+                qemu: None,
             },
             mode: Mode::PreCopy,
             nonce: [1; 16],
@@ -472,6 +621,78 @@ mod tests {
         assert_eq!(
             p.allows(&m, ["web", "db"].into_iter()),
             Err(PlacementViolation::AntiAffinity("db".into()))
+        );
+    }
+
+    #[test]
+    fn resolve_queries_and_answers_are_bound_to_both_peers() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(14);
+        let src = SecretKey::generate(&mut rng);
+        let dst = SecretKey::generate(&mut rng);
+        let eve = SecretKey::generate(&mut rng);
+        let query = ResolveQuery {
+            id: MigrationId::from_bytes([3; 16]),
+            source: src.public(),
+            target: dst.public(),
+            asked_at: Timestamp(5),
+        };
+        let signed = Signed::sign(&query, &src);
+        assert_eq!(
+            validate_resolve_query(&signed, &src.public(), &dst.public()),
+            Ok(query.clone())
+        );
+        // Relayed by another peer, addressed elsewhere, or naming someone else as source.
+        assert_eq!(
+            validate_resolve_query(&signed, &eve.public(), &dst.public()),
+            Err(ResolveError::WrongSigner)
+        );
+        assert_eq!(
+            validate_resolve_query(&signed, &src.public(), &eve.public()),
+            Err(ResolveError::NotForMe)
+        );
+        let claims_other = Signed::sign(
+            &ResolveQuery {
+                source: eve.public(),
+                ..query.clone()
+            },
+            &src,
+        );
+        assert_eq!(
+            validate_resolve_query(&claims_other, &src.public(), &dst.public()),
+            Err(ResolveError::WrongSigner)
+        );
+
+        let answer = ResolveAnswer {
+            id: query.id,
+            query: signed.hash(),
+            source: src.public(),
+            target: dst.public(),
+            outcome: ResolveOutcome::Committed {
+                root: Hash::of(b"root"),
+            },
+            answered_at: Timestamp(6),
+        };
+        let good = Signed::sign(&answer, &dst);
+        assert_eq!(
+            validate_resolve_answer(&good, &signed, &query),
+            Ok(answer.clone())
+        );
+        // Only the target may answer, and only this query.
+        let forged = Signed::sign(&answer, &eve);
+        assert_eq!(
+            validate_resolve_answer(&forged, &signed, &query),
+            Err(ResolveError::WrongSigner)
+        );
+        let other_query = Signed::sign(
+            &ResolveQuery {
+                asked_at: Timestamp(9),
+                ..query.clone()
+            },
+            &src,
+        );
+        assert_eq!(
+            validate_resolve_answer(&good, &other_query, &query),
+            Err(ResolveError::Mismatch)
         );
     }
 }

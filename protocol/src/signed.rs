@@ -150,6 +150,8 @@ pub const DOMAINS: &[&str] = &[
     crate::roster::Roster::DOMAIN,
     crate::migration::MigrationOffer::DOMAIN,
     crate::migration::MigrationDecision::DOMAIN,
+    crate::migration::ResolveQuery::DOMAIN,
+    crate::migration::ResolveAnswer::DOMAIN,
     crate::transfer::Complete::DOMAIN,
     crate::transfer::Commit::DOMAIN,
     crate::audit::AuditRecord::DOMAIN,

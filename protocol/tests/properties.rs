@@ -19,8 +19,8 @@ use drift_protocol::codec::{self, encode_frame, DecodeError, FrameDecoder, HEADE
 use drift_protocol::ids::{Hash, MigrationId, NodeId, VmId};
 use drift_protocol::keys::SecretKey;
 use drift_protocol::migration::{
-    MigrationDecision, MigrationOffer, Mode, Placement, PlacementViolation, RejectReason, Verdict,
-    VmSummary,
+    MigrationDecision, MigrationOffer, Mode, Placement, PlacementViolation, RejectReason,
+    ResolveAnswer, ResolveOutcome, ResolveQuery, Verdict, VmSummary,
 };
 use drift_protocol::report::{
     self, Context, Freshness, LoadReport, Rejection, MAX_DEMAND_PERMILLE, MAX_MEM_MIB,
@@ -235,6 +235,7 @@ fn vm_summary() -> impl Strategy<Value = VmSummary> {
                 vcpus,
                 demand_permille,
                 placement,
+                qemu: None,
             },
         )
 }
@@ -341,6 +342,44 @@ fn commit() -> impl Strategy<Value = Commit> {
         root,
         committed_at,
     })
+}
+
+fn resolve_query() -> impl Strategy<Value = ResolveQuery> {
+    (migration_id(), node_id(), node_id(), timestamp()).prop_map(
+        |(id, source, target, asked_at)| ResolveQuery {
+            id,
+            source,
+            target,
+            asked_at,
+        },
+    )
+}
+
+fn resolve_answer() -> impl Strategy<Value = ResolveAnswer> {
+    let outcome = prop_oneof![
+        hash().prop_map(|root| ResolveOutcome::Committed { root }),
+        Just(ResolveOutcome::NeverRan),
+        Just(ResolveOutcome::RunningIncomplete),
+        Just(ResolveOutcome::InProgress),
+    ];
+    (
+        migration_id(),
+        hash(),
+        node_id(),
+        node_id(),
+        outcome,
+        timestamp(),
+    )
+        .prop_map(
+            |(id, query, source, target, outcome, answered_at)| ResolveAnswer {
+                id,
+                query,
+                source,
+                target,
+                outcome,
+                answered_at,
+            },
+        )
 }
 
 /// The content of one page: all zero, one repeated byte, or random bytes.
@@ -483,6 +522,8 @@ fn audit_event() -> impl Strategy<Value = AuditEvent> {
             text()
         )
             .prop_map(|(id, peer, reason)| AuditEvent::Refused { id, peer, reason }),
+        (migration_id(), side(), text())
+            .prop_map(|(id, side, outcome)| { AuditEvent::Resolved { id, side, outcome } }),
     ]
 }
 
@@ -507,6 +548,8 @@ struct AllSigned {
     complete: Complete,
     commit: Commit,
     audit: AuditRecord,
+    query: ResolveQuery,
+    answer: ResolveAnswer,
 }
 
 fn all_signed() -> impl Strategy<Value = AllSigned> {
@@ -518,9 +561,11 @@ fn all_signed() -> impl Strategy<Value = AllSigned> {
         complete(),
         commit(),
         audit_record(),
+        resolve_query(),
+        resolve_answer(),
     )
         .prop_map(
-            |(report, roster, offer, decision, complete, commit, audit)| AllSigned {
+            |(report, roster, offer, decision, complete, commit, audit, query, answer)| AllSigned {
                 report,
                 roster,
                 offer,
@@ -528,6 +573,8 @@ fn all_signed() -> impl Strategy<Value = AllSigned> {
                 complete,
                 commit,
                 audit,
+                query,
+                answer,
             },
         )
 }
@@ -604,6 +651,14 @@ proptest! {
         signed_round_trip(&c, &key)?;
         frame_round_trip(&m)?;
         signed_round_trip(&m, &key)?;
+    }
+
+    #[test]
+    fn resolve_round_trips(q in resolve_query(), a in resolve_answer(), key in secret_key()) {
+        frame_round_trip(&q)?;
+        signed_round_trip(&q, &key)?;
+        frame_round_trip(&a)?;
+        signed_round_trip(&a, &key)?;
     }
 
     #[test]
@@ -887,6 +942,8 @@ fn domain_a_against_all<A: Signable>(
     b_signed_as_a::<A, Complete>(&all.complete, key)?;
     b_signed_as_a::<A, Commit>(&all.commit, key)?;
     b_signed_as_a::<A, AuditRecord>(&all.audit, key)?;
+    b_signed_as_a::<A, ResolveQuery>(&all.query, key)?;
+    b_signed_as_a::<A, ResolveAnswer>(&all.answer, key)?;
     a_replayed_as_b::<A, LoadReport>(a, key)?;
     a_replayed_as_b::<A, Roster>(a, key)?;
     a_replayed_as_b::<A, MigrationOffer>(a, key)?;
@@ -894,12 +951,14 @@ fn domain_a_against_all<A: Signable>(
     a_replayed_as_b::<A, Complete>(a, key)?;
     a_replayed_as_b::<A, Commit>(a, key)?;
     a_replayed_as_b::<A, AuditRecord>(a, key)?;
+    a_replayed_as_b::<A, ResolveQuery>(a, key)?;
+    a_replayed_as_b::<A, ResolveAnswer>(a, key)?;
     Ok(())
 }
 
 /// The signed types this file covers, by domain. Must match `signed::DOMAINS` exactly, so a new
 /// signed type fails here until it is covered.
-const COVERED_DOMAINS: [&str; 7] = [
+const COVERED_DOMAINS: [&str; 9] = [
     LoadReport::DOMAIN,
     Roster::DOMAIN,
     MigrationOffer::DOMAIN,
@@ -907,6 +966,8 @@ const COVERED_DOMAINS: [&str; 7] = [
     Complete::DOMAIN,
     Commit::DOMAIN,
     AuditRecord::DOMAIN,
+    ResolveQuery::DOMAIN,
+    ResolveAnswer::DOMAIN,
 ];
 
 #[test]
@@ -940,6 +1001,8 @@ proptest! {
         domain_a_against_all::<Complete>(&all.complete, &all, &key)?;
         domain_a_against_all::<Commit>(&all.commit, &all, &key)?;
         domain_a_against_all::<AuditRecord>(&all.audit, &all, &key)?;
+        domain_a_against_all::<ResolveQuery>(&all.query, &all, &key)?;
+        domain_a_against_all::<ResolveAnswer>(&all.answer, &all, &key)?;
     }
 }
 

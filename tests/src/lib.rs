@@ -3,7 +3,10 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The `drift` binary of this build: `$DRIFT_BIN`, or `drift` next to the test's `deps/`
 /// directory (where `cargo test --workspace` puts it, since drift-node has integration tests).
@@ -77,6 +80,55 @@ pub fn wait_until<T>(
     }
 }
 
+/// Forwards TCP connections on a loopback port to `to` (at most 16, one after another),
+/// recording every byte of both directions in `seen`: a man in the middle on the wire between
+/// two nodes. Returns the proxy's port.
+pub async fn recording_proxy(to: u16, seen: Arc<Mutex<Vec<u8>>>) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("loopback proxy");
+    let port = listener.local_addr().expect("loopback proxy").port();
+    tokio::spawn(async move {
+        // Bounded: the test makes a handful of connections.
+        for _ in 0..16 {
+            let Ok((inbound, _)) = listener.accept().await else {
+                return;
+            };
+            let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else {
+                continue;
+            };
+            let (ir, iw) = inbound.into_split();
+            let (or, ow) = outbound.into_split();
+            type Half = (
+                Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+                Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+            );
+            let directions: [Half; 2] =
+                [(Box::new(ir), Box::new(ow)), (Box::new(or), Box::new(iw))];
+            for (mut r, mut w) in directions {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match r.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        seen.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .extend_from_slice(&buf[..n]);
+                        if w.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    port
+}
+
+pub mod compose;
 pub use cluster::{Cluster, NodeProc};
 
 /// Real `drift run` processes on loopback, started from a generated testnet directory.
@@ -103,6 +155,11 @@ pub mod cluster {
     impl NodeProc {
         /// Starts the process (logs to `drift.log` in the node's directory).
         pub fn start(&mut self) {
+            self.start_with_env(&[]);
+        }
+
+        /// Starts the process with extra environment variables (e.g. `DRIFT_FAULT`).
+        pub fn start_with_env(&mut self, env: &[(&str, &str)]) {
             assert!(self.child.is_none(), "{} already running", self.node.name);
             let log = fs::OpenOptions::new()
                 .create(true)
@@ -114,6 +171,7 @@ pub mod cluster {
                 .arg("--config")
                 .arg(&self.node.config)
                 .env("DRIFT_LOG", "info,libp2p=warn")
+                .envs(env.iter().copied())
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().expect("clone log"))
                 .stderr(log)
@@ -147,6 +205,11 @@ pub mod cluster {
                     false
                 }
             }
+        }
+
+        /// The node's state directory.
+        pub fn state_dir(&self) -> PathBuf {
+            self.node.dir.join("state")
         }
 
         /// Whether the process is still running.

@@ -8,50 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use drift_node::hypervisor::guest::CANARY;
-use drift_tests::{drift_ok, set_bootstrap, Cluster};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// Forwards one TCP connection at a time to `to`, recording every byte in both directions.
-async fn recording_proxy(to: u16, seen: Arc<Mutex<Vec<u8>>>) -> u16 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        // Bounded: the test makes a handful of connections.
-        for _ in 0..16 {
-            let Ok((inbound, _)) = listener.accept().await else {
-                return;
-            };
-            let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else {
-                continue;
-            };
-            let (ir, iw) = inbound.into_split();
-            let (or, ow) = outbound.into_split();
-            type Half = (
-                Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-                Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
-            );
-            let directions: [Half; 2] =
-                [(Box::new(ir), Box::new(ow)), (Box::new(or), Box::new(iw))];
-            for (mut r, mut w) in directions {
-                let seen = seen.clone();
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    loop {
-                        let n = match r.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => n,
-                        };
-                        seen.lock().unwrap().extend_from_slice(&buf[..n]);
-                        if w.write_all(&buf[..n]).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        }
-    });
-    port
-}
+use drift_tests::{drift_ok, recording_proxy, set_bootstrap, Cluster};
 
 #[test]
 fn no_guest_memory_crosses_the_wire_in_clear() {

@@ -114,6 +114,9 @@ fn describe(e: &AuditEvent) -> String {
         AuditEvent::Abort { id, side, reason } => {
             format!("abort {} ({side:?}): {reason}", id.short())
         }
+        AuditEvent::Resolved { id, side, outcome } => {
+            format!("resolved {} ({side:?}): {outcome}", id.short())
+        }
         AuditEvent::Refused { id, peer, reason } => format!(
             "refused{}{}: {reason}",
             id.map(|i| format!(" {}", i.short())).unwrap_or_default(),

@@ -169,6 +169,9 @@ pub struct VerifyReport {
     /// Up to 16 bad page numbers.
     pub bad: Vec<u64>,
     pub bad_count: u64,
+    /// Pages that never arrived (post-copy whose source went away): the VM is incomplete.
+    #[serde(default)]
+    pub missing: u64,
 }
 
 impl Memory {
@@ -285,6 +288,7 @@ impl Memory {
     pub fn verify(&self) -> VerifyReport {
         let mut r = VerifyReport {
             pages: self.page_count(),
+            missing: self.missing_count(),
             ..Default::default()
         };
         for pfn in 0..self.page_count() {

@@ -333,8 +333,10 @@ impl Vmm {
                 written += 1;
             }
             self.rng.store(rng.0, Ordering::SeqCst);
-            drop(mem);
+            // Counted before the lock goes: once `pause` holds the lock, the count (which the
+            // device state carries) includes every batch written.
             self.writes.fetch_add(written, Ordering::SeqCst);
+            drop(mem);
         }
     }
 }
@@ -437,6 +439,7 @@ mod tests {
             placement: Placement::default(),
             seed: 77,
             incoming,
+            qemu: None,
         }
     }
 
@@ -621,8 +624,15 @@ mod tests {
         }));
         let mut round = 1;
         for _ in 0..3 {
-            std::thread::sleep(Duration::from_millis(20));
-            let d = l.dirty();
+            // Bounded wait: on a loaded machine the workload thread may be slow to run.
+            let mut d = Vec::new();
+            for _ in 0..200 {
+                std::thread::sleep(Duration::from_millis(20));
+                d = l.dirty();
+                if !d.is_empty() {
+                    break;
+                }
+            }
             assert!(!d.is_empty(), "the workload keeps dirtying pages");
             l.send_pages(round, &d);
             l.deliver(&TransferFrame::RoundEnd(RoundEnd {
@@ -653,8 +663,11 @@ mod tests {
         assert_eq!(l.dst.info().writes, before);
         assert!(matches!(l.dst.handle(Request::Resume), Response::Done));
         let dst_workload = l.dst.start_workload();
-        std::thread::sleep(Duration::from_millis(50));
-        assert!(l.dst.info().writes > before);
+        let carried_on = (0..200).any(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            l.dst.info().writes > before
+        });
+        assert!(carried_on, "the target's workload never wrote");
         let Response::Verified(r) = l.dst.handle(Request::Verify) else {
             panic!()
         };

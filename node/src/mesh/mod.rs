@@ -92,6 +92,8 @@ enum Command {
         reply: oneshot::Sender<Vec<Multiaddr>>,
     },
     RosterChanged(RosterChange),
+    /// Closes every connection to a peer (it may reconnect later).
+    Disconnect(libp2p::PeerId),
 }
 
 /// A handle to the mesh; cheap to clone.
@@ -124,6 +126,15 @@ impl Client {
             .await
             .map_err(|_| MeshStopped)?;
         rx.await.map_err(|_| MeshStopped)
+    }
+
+    /// Closes every connection to `peer` now. Dialling resumes as usual afterwards: this cuts
+    /// the streams on those connections, as a network fault would.
+    pub async fn disconnect(&self, peer: &NodeId) -> Result<(), MeshStopped> {
+        self.commands
+            .send(Command::Disconnect(peer_id(peer)))
+            .await
+            .map_err(|_| MeshStopped)
     }
 
     /// Publishes bytes on a topic. Errors such as "no peers yet" come back as `Err(String)`.
@@ -273,6 +284,7 @@ pub fn spawn(
         freshness: config.freshness,
         cancel,
         last_announce: None,
+        denials_audited: (Instant::now(), 0),
     };
     let handle = tokio::spawn(event_loop.run());
     Ok((
@@ -314,7 +326,13 @@ struct EventLoop {
     freshness: Freshness,
     cancel: CancellationToken,
     last_announce: Option<Instant>,
+    /// Refused connections written to the audit log in the current minute (bounded, so a
+    /// flood of strangers cannot fill the disk; the counter counts them all).
+    denials_audited: (Instant, u32),
 }
+
+/// Refused connections audited per minute at most.
+const MAX_DENIALS_AUDITED_PER_MIN: u32 = 20;
 
 impl EventLoop {
     async fn run(mut self) {
@@ -409,6 +427,9 @@ impl EventLoop {
             Command::RosterChanged(change) => {
                 self.apply_roster_change(&change);
                 self.announce_roster();
+            }
+            Command::Disconnect(peer) => {
+                let _ = self.swarm.disconnect_peer_id(peer);
             }
         }
     }
@@ -537,6 +558,18 @@ impl EventLoop {
                     .connections_denied
                     .fetch_add(1, Ordering::Relaxed);
                 info!(from = %send_back_addr, reason = %cause, "refused connection");
+                let now = Instant::now();
+                if now.duration_since(self.denials_audited.0) >= Duration::from_secs(60) {
+                    self.denials_audited = (now, 0);
+                }
+                if self.denials_audited.1 < MAX_DENIALS_AUDITED_PER_MIN {
+                    self.denials_audited.1 += 1;
+                    self.state.audit(drift_protocol::AuditEvent::Refused {
+                        id: None,
+                        peer: None,
+                        reason: format!("connection from {send_back_addr} refused: {cause}"),
+                    });
+                }
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 debug!(peer = ?peer_id, error = %error, "outgoing connection failed");

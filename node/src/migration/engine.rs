@@ -53,6 +53,58 @@ pub enum EngineError {
     Cancelled,
 }
 
+/// How long the target waits for the next frame before it decides the source is gone.
+const TARGET_IDLE: Duration = Duration::from_secs(30);
+
+/// The points of a transfer where the node acts: durable records, audit, fault injection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Point {
+    /// Source: pre-copy round `n` (≥ 1) went out.
+    RoundSent(u32),
+    /// Source: about to pause the VM. The hook must make the switch durable: from here the
+    /// target may end up running the VM.
+    Pausing,
+    /// Source: the VM is paused; its last pages are not sent yet.
+    Paused,
+    /// Source, post-copy: about to send the device state on which the target resumes. The
+    /// hook must make the handover durable.
+    HandingOver,
+    /// Source, post-copy: the target runs the VM; the first pushed batch went out.
+    Pushing,
+    /// Source: `Complete` with this root went out.
+    CompleteSent(Hash),
+    /// Source: the target's signed commit arrived (the caller records it next).
+    CommitReceived,
+    /// Target: round `n` (≥ 1) arrived.
+    RoundReceived(u32),
+    /// Target: `Complete` arrived, not verified yet.
+    CompleteReceived,
+    /// Target, post-copy: about to resume the VM with pages still missing. The hook must make
+    /// that durable: from here the VM has run here.
+    ResumingPostCopy,
+    /// Target: the root verified. The hook must make the commit durable; the VM resumes only
+    /// after it succeeds.
+    Verified(Hash),
+    /// Target: the signed commit went out.
+    CommitSent,
+}
+
+/// What the node does at each [`Point`]. An error stops the transfer there, as a failure of
+/// the stream would.
+pub trait Hooks: Sync {
+    fn at(&self, point: Point) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+}
+
+/// No hooks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoHooks;
+
+impl Hooks for NoHooks {
+    async fn at(&self, _point: Point) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Access to one VM's VMM (in-process or over its socket).
 pub trait VmmAccess: Send + Sync {
     /// One request, one answer.
@@ -183,8 +235,9 @@ pub enum SourceOutcome {
     Unknown { reason: String },
 }
 
-struct Source<'a, V, S> {
+struct Source<'a, V, S, H> {
     vm: &'a V,
+    hooks: &'a H,
     wr: WriteHalf<S>,
     inbox: mpsc::Receiver<Result<TransferFrame, String>>,
     sender: Sender,
@@ -198,7 +251,7 @@ struct Source<'a, V, S> {
     switched_at: Option<Duration>,
 }
 
-impl<V: VmmAccess, S: AsyncRead + AsyncWrite + Send> Source<'_, V, S> {
+impl<V: VmmAccess, S: AsyncRead + AsyncWrite + Send, H: Hooks> Source<'_, V, S, H> {
     async fn send(&mut self, frame: &TransferFrame) -> Result<(), EngineError> {
         let n = write_frame(&mut self.wr, frame).await?;
         self.progress.bytes_sent += n as u64;
@@ -308,6 +361,7 @@ impl<V: VmmAccess, S: AsyncRead + AsyncWrite + Send> Source<'_, V, S> {
             };
             match self.sender.on_frame(&frame) {
                 Ok(SenderStep::Committed(commit)) => {
+                    self.hooks.at(Point::CommitReceived).await?;
                     let downtime = self.switched_at.unwrap_or_else(|| paused_at.elapsed());
                     self.progress.phase = "committed".into();
                     self.progress.downtime_ms = Some(downtime.as_secs_f64() * 1e3);
@@ -339,8 +393,9 @@ impl<V: VmmAccess, S: AsyncRead + AsyncWrite + Send> Source<'_, V, S> {
 }
 
 /// Runs the source side. The VM must be running; on return the caller acts on the outcome.
-pub async fn run_source<V: VmmAccess, S: AsyncRead + AsyncWrite + Send + 'static>(
+pub async fn run_source<V: VmmAccess, S: AsyncRead + AsyncWrite + Send + 'static, H: Hooks>(
     vm: &V,
+    hooks: &H,
     stream: S,
     t: SourceTransfer,
     params: SourceParams,
@@ -364,6 +419,7 @@ pub async fn run_source<V: VmmAccess, S: AsyncRead + AsyncWrite + Send + 'static
     });
     let mut s = Source {
         vm,
+        hooks,
         wr,
         inbox,
         sender: Sender::new(t.id, t.target, params.mode, t.page_count),
@@ -399,8 +455,8 @@ pub async fn run_source<V: VmmAccess, S: AsyncRead + AsyncWrite + Send + 'static
     }
 }
 
-async fn source_loop<V: VmmAccess, S: AsyncRead + AsyncWrite + Send>(
-    s: &mut Source<'_, V, S>,
+async fn source_loop<V: VmmAccess, S: AsyncRead + AsyncWrite + Send, H: Hooks>(
+    s: &mut Source<'_, V, S, H>,
     t: &SourceTransfer,
 ) -> Result<SourceOutcome, EngineError> {
     s.send(&TransferFrame::Start(Start {
@@ -461,14 +517,17 @@ async fn source_loop<V: VmmAccess, S: AsyncRead + AsyncWrite + Send>(
                 dirty: 0,
             }))
             .await?;
+            s.hooks.at(Point::RoundSent(round)).await?;
             round += 1;
         }
     }
 
     // Switchover: the VM stops here.
     s.progress.phase = "switchover".into();
+    s.hooks.at(Point::Pausing).await?;
     expect_done(s.vm, Request::Pause).await?;
     let paused_at = Instant::now();
+    s.hooks.at(Point::Paused).await?;
     let mut last: BTreeSet<u64> = carry.into_iter().collect();
     last.extend(s.dirty().await?);
     let device = match s.vm.call(Request::DeviceState).await? {
@@ -515,6 +574,7 @@ async fn source_loop<V: VmmAccess, S: AsyncRead + AsyncWrite + Send>(
         s.send(&TransferFrame::Stale(StaleRanges { ranges }))
             .await?;
     }
+    s.hooks.at(Point::HandingOver).await?;
     s.sender.switched();
     s.send(&TransferFrame::DeviceState(DeviceState::new(device)))
         .await?;
@@ -523,6 +583,7 @@ async fn source_loop<V: VmmAccess, S: AsyncRead + AsyncWrite + Send>(
     s.progress.phase = "post-copy".into();
     // Serve requests first, push the rest; each page goes once.
     let mut pending: BTreeSet<u64> = stale.into_iter().collect();
+    let mut pushed = false;
     while !pending.is_empty() {
         let mut urgent = Vec::new();
         while let Some(step) = s.poll_target()? {
@@ -551,12 +612,16 @@ async fn source_loop<V: VmmAccess, S: AsyncRead + AsyncWrite + Send>(
             pending.remove(p);
         }
         s.send_pages(round, &batch).await?;
+        if !pushed {
+            pushed = true;
+            s.hooks.at(Point::Pushing).await?;
+        }
     }
     complete(s, t, device_hash, paused_at).await
 }
 
-async fn complete<V: VmmAccess, S: AsyncRead + AsyncWrite + Send>(
-    s: &mut Source<'_, V, S>,
+async fn complete<V: VmmAccess, S: AsyncRead + AsyncWrite + Send, H: Hooks>(
+    s: &mut Source<'_, V, S, H>,
     t: &SourceTransfer,
     device_hash: Hash,
     paused_at: Instant,
@@ -573,6 +638,7 @@ async fn complete<V: VmmAccess, S: AsyncRead + AsyncWrite + Send>(
         &t.key,
     )))
     .await?;
+    s.hooks.at(Point::CompleteSent(root)).await?;
     s.progress.phase = "awaiting commit".into();
     let _ = s.watch.send(s.progress.clone());
     s.wait_commit(paused_at).await
@@ -589,27 +655,27 @@ pub enum TargetOutcome {
     Incomplete { reason: String },
 }
 
-/// Runs the target side for an accepted offer. `record_commit` must make the commit durable
-/// before it returns; the VM is resumed only after it succeeds.
+/// Runs the target side for an accepted offer. The hook at [`Point::Verified`] must make the
+/// commit durable; the VM is resumed only after it succeeds.
 pub async fn run_target<
     V: VmmAccess + Clone + 'static,
     S: AsyncRead + AsyncWrite + Send + 'static,
+    H: Hooks,
 >(
     vm: &V,
+    hooks: &H,
     stream: S,
     mut receiver: Receiver,
     id: MigrationId,
     key: &SecretKey,
-    record_commit: impl FnOnce(&Hash) -> std::io::Result<()>,
 ) -> Result<TargetOutcome, EngineError> {
     let (mut rd, wr) = tokio::io::split(stream);
     let wr = Arc::new(Mutex::new(wr));
     let mut faults: Option<tokio::task::JoinHandle<()>> = None;
-    let mut record_commit = Some(record_commit);
     let outcome = loop {
-        let frame = match read_frame(&mut rd).await {
-            Ok(Some(f)) => f,
-            Ok(None) | Err(_) => {
+        let frame = match tokio::time::timeout(TARGET_IDLE, read_frame(&mut rd)).await {
+            Ok(Ok(Some(f))) => f,
+            Ok(Ok(None) | Err(_)) | Err(_) => {
                 break if receiver.phase() == drift_protocol::transfer::receiver::Phase::PostCopy {
                     TargetOutcome::Incomplete {
                         reason: "the source went away during post-copy".into(),
@@ -622,6 +688,9 @@ pub async fn run_target<
             }
         };
         let running_here = receiver.phase() == drift_protocol::transfer::receiver::Phase::PostCopy;
+        if matches!(frame, TransferFrame::Complete(_)) {
+            hooks.at(Point::CompleteReceived).await?;
+        }
         let step = match receiver.on_frame(&frame) {
             Ok(step) => step,
             // Post-copy: the VM already runs here and nowhere else; a bad frame must not
@@ -646,11 +715,15 @@ pub async fn run_target<
             }
         };
         match step {
-            Step::Continue => {
-                if let TransferFrame::Stale(st) = &frame {
+            Step::Continue => match &frame {
+                TransferFrame::Stale(st) => {
                     expect_done(vm, Request::MarkMissing(st.ranges.clone())).await?;
                 }
-            }
+                TransferFrame::RoundEnd(r) if r.round >= 1 => {
+                    hooks.at(Point::RoundReceived(r.round)).await?;
+                }
+                _ => {}
+            },
             Step::WritePages(w) => {
                 let TransferFrame::Pages(b) = &frame else {
                     continue;
@@ -671,6 +744,7 @@ pub async fn run_target<
             Step::LoadDevice(d) => expect_done(vm, Request::LoadDevice(d.to_vec())).await?,
             Step::LoadDeviceAndResume(d) => {
                 expect_done(vm, Request::LoadDevice(d.to_vec())).await?;
+                hooks.at(Point::ResumingPostCopy).await?;
                 expect_done(vm, Request::Resume).await?;
                 faults = Some(forward_faults(vm.clone(), wr.clone()));
             }
@@ -678,9 +752,7 @@ pub async fn run_target<
                 if let Some(f) = faults.take() {
                     f.abort();
                 }
-                if let Some(record) = record_commit.take() {
-                    record(&root)?;
-                }
+                hooks.at(Point::Verified(root)).await?;
                 expect_done(vm, Request::Resume).await?;
                 let commit = Signed::sign(
                     &Commit {
@@ -690,7 +762,12 @@ pub async fn run_target<
                     },
                     key,
                 );
-                write_frame(&mut *wr.lock().await, &TransferFrame::Commit(commit)).await?;
+                // The VM runs here now, whatever happens to the stream: a lost commit is
+                // what the source's resolve query is for.
+                let sent = write_frame(&mut *wr.lock().await, &TransferFrame::Commit(commit)).await;
+                if sent.is_ok() {
+                    let _ = hooks.at(Point::CommitSent).await;
+                }
                 break TargetOutcome::Committed { root };
             }
             Step::Aborted(reason) => {
@@ -754,6 +831,19 @@ mod tests {
             placement: Placement::default(),
             seed: 99,
             incoming,
+            qemu: None,
+        }
+    }
+
+    /// Keeps the root the target verified, as the node's durable record would.
+    struct RecordCommit(Arc<std::sync::Mutex<Option<Hash>>>);
+
+    impl Hooks for RecordCommit {
+        async fn at(&self, point: Point) -> std::io::Result<()> {
+            if let Point::Verified(root) = point {
+                *self.0.lock().unwrap() = Some(root);
+            }
+            Ok(())
         }
     }
 
@@ -768,9 +858,18 @@ mod tests {
         src_clean: bool,
     }
 
+    /// What a man in the middle does to the source-to-target direction.
+    #[derive(Clone, Copy)]
+    enum Tamper {
+        /// Flips one bit of the byte at this offset of the stream.
+        FlipByte(usize),
+        /// Rewrites the source's `Complete` frame, passing every other frame on unchanged.
+        Complete(fn(Signed<Complete>) -> Signed<Complete>),
+    }
+
     /// Migrates a running VM between two in-process VMMs over an in-memory pipe; `tamper`
-    /// may rewrite the bytes the target receives.
-    async fn migrate(mode: Mode, dirty: u64, tamper: Option<usize>) -> Run {
+    /// may rewrite what the target receives.
+    async fn migrate(mode: Mode, dirty: u64, tamper: Option<Tamper>) -> Run {
         let src = Vmm::new(spec(false, dirty));
         let dst = Vmm::new(spec(true, dirty));
         let w1 = src.start_workload();
@@ -785,28 +884,46 @@ mod tests {
         // A man in the middle on the source-to-target direction.
         let (b, target_side) = match tamper {
             None => (b, None),
-            Some(at) => {
+            Some(tamper) => {
                 let (mitm_in, mitm_out) = tokio::io::duplex(1 << 20);
                 let handle = tokio::spawn(async move {
                     use tokio::io::{AsyncReadExt, AsyncWriteExt};
                     let (mut from_src_r, mut from_src_w) = tokio::io::split(b);
                     let (mut to_dst_r, mut to_dst_w) = tokio::io::split(mitm_in);
                     let up = async {
-                        let mut seen = 0usize;
-                        let mut buf = vec![0u8; 64 * 1024];
-                        loop {
-                            let n = from_src_r.read(&mut buf).await.unwrap_or(0);
-                            if n == 0 {
-                                break;
+                        match tamper {
+                            Tamper::FlipByte(at) => {
+                                let mut seen = 0usize;
+                                let mut buf = vec![0u8; 64 * 1024];
+                                loop {
+                                    let n = from_src_r.read(&mut buf).await.unwrap_or(0);
+                                    if n == 0 {
+                                        break;
+                                    }
+                                    if at >= seen && at < seen + n {
+                                        buf[at - seen] ^= 0x20;
+                                    }
+                                    seen += n;
+                                    if to_dst_w.write_all(&buf[..n]).await.is_err() {
+                                        break;
+                                    }
+                                }
                             }
-                            if at >= seen && at < seen + n {
-                                buf[at - seen] ^= 0x20;
-                            }
-                            seen += n;
-                            if to_dst_w.write_all(&buf[..n]).await.is_err() {
-                                break;
+                            Tamper::Complete(rewrite) => {
+                                while let Ok(Some(frame)) = read_frame(&mut from_src_r).await {
+                                    let frame = match frame {
+                                        TransferFrame::Complete(c) => {
+                                            TransferFrame::Complete(rewrite(c))
+                                        }
+                                        other => other,
+                                    };
+                                    if write_frame(&mut to_dst_w, &frame).await.is_err() {
+                                        break;
+                                    }
+                                }
                             }
                         }
+                        let _ = to_dst_w.shutdown().await;
                     };
                     let down = tokio::io::copy(&mut to_dst_r, &mut from_src_w);
                     let _ = tokio::join!(up, down);
@@ -826,17 +943,16 @@ mod tests {
             let dst = dst.clone();
             let committed = committed.clone();
             tokio::spawn(async move {
-                run_target(&dst, b, Receiver::new(accepted), id, &tkey, |root| {
-                    *committed.lock().unwrap() = Some(*root);
-                    Ok(())
-                })
-                .await
-                .unwrap()
+                let hooks = RecordCommit(committed);
+                run_target(&dst, &hooks, b, Receiver::new(accepted), id, &tkey)
+                    .await
+                    .unwrap()
             })
         };
         let (watch_tx, _watch_rx) = watch::channel(Progress::default());
         let source = run_source(
             &src,
+            &NoHooks,
             a,
             SourceTransfer {
                 id,
@@ -911,7 +1027,13 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_flipped_byte_in_transit_aborts_and_the_vm_runs_on_the_source() {
         // Byte 200_000 falls inside the first round's page data.
-        let r = migrate(Mode::PreCopy, 2_000, Some(200_000)).await;
+        let r = migrate(Mode::PreCopy, 2_000, Some(Tamper::FlipByte(200_000))).await;
+        assert_refused_and_home(&r);
+    }
+
+    /// The target refused: nothing committed, nothing runs there, the VM runs on the source
+    /// and verifies clean.
+    fn assert_refused_and_home(r: &Run) {
         assert!(
             matches!(&r.source, SourceOutcome::ResumedHere { .. }),
             "{:?}",
@@ -923,7 +1045,34 @@ mod tests {
             r.target
         );
         assert_eq!(r.committed, None);
+        assert_ne!(r.dst.info().state, RunState::Running);
         assert_eq!(r.src_state, RunState::Running);
         assert!(r.src_clean);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_wrong_root_signed_by_the_source_aborts_and_the_vm_runs_on_the_source() {
+        // The source's own key signs a root that is not the memory's: the pages verified batch
+        // by batch, but the whole does not match.
+        fn wrong_root(c: Signed<Complete>) -> Signed<Complete> {
+            let mut complete = c.verify().unwrap();
+            complete.root = Hash::of(b"not the memory");
+            Signed::sign(&complete, &SecretKey::from_bytes(&[1; 32]))
+        }
+        // Pre-copy: the target verifies before the VM ever runs there. (In post-copy the VM
+        // already runs on the target when `Complete` arrives; there a bad root makes the
+        // migration incomplete, see the receiver's tests.)
+        let r = migrate(Mode::PreCopy, 2_000, Some(Tamper::Complete(wrong_root))).await;
+        assert_refused_and_home(&r);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_complete_forged_by_a_third_key_aborts_and_the_vm_runs_on_the_source() {
+        // The right root, signed by a key that is not the offer's source.
+        fn forged(c: Signed<Complete>) -> Signed<Complete> {
+            Signed::sign(&c.verify().unwrap(), &SecretKey::from_bytes(&[3; 32]))
+        }
+        let r = migrate(Mode::PreCopy, 2_000, Some(Tamper::Complete(forged))).await;
+        assert_refused_and_home(&r);
     }
 }

@@ -5,6 +5,8 @@ use drift_protocol::codec::{
     decode_payload, encode_frame, parse_header, HEADER_LEN, MAX_FRAME_LEN,
 };
 use drift_protocol::TransferFrame;
+use std::time::Duration;
+
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Reads one frame; `Ok(None)` on a clean end of stream before a header.
@@ -24,13 +26,27 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Opti
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
+/// The longest one frame may take to write: a peer that stops reading, or a connection that
+/// closed under a stream without waking it, fails the write instead of hanging it.
+pub const WRITE_STALL: Duration = Duration::from_secs(20);
+
+async fn write_bounded<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    let write = async {
+        w.write_all(bytes).await?;
+        w.flush().await
+    };
+    tokio::time::timeout(WRITE_STALL, write)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "write stalled"))?
+}
+
 /// Writes one frame.
 pub async fn write_frame<W: AsyncWrite + Unpin>(
     w: &mut W,
     frame: &TransferFrame,
 ) -> std::io::Result<usize> {
     let bytes = encode_frame(frame);
-    w.write_all(&bytes).await?;
+    write_bounded(w, &bytes).await?;
     Ok(bytes.len())
 }
 
@@ -54,6 +70,5 @@ pub async fn write_typed<W: AsyncWrite + Unpin, T: serde::Serialize>(
     w: &mut W,
     value: &T,
 ) -> std::io::Result<()> {
-    w.write_all(&encode_frame(value)).await?;
-    w.flush().await
+    write_bounded(w, &encode_frame(value)).await
 }

@@ -1,29 +1,43 @@
 //! Migrations between nodes: one libp2p stream per migration (`/drift/migrate/1`), Noise-
-//! encrypted and open only between roster members.
+//! encrypted and open only between roster members; and the resolve protocol
+//! (`/drift/resolve/1`) a source uses to learn what became of a migration after it lost
+//! contact with the target.
 //!
 //! ```mermaid
 //! sequenceDiagram
 //!     participant S as source node
 //!     participant T as target node
+//!     Note over S: record: copying
 //!     S->>T: open /drift/migrate/1
 //!     S->>T: Signed<MigrationOffer>
-//!     Note over T: admission (the stream's peer must be the signer)
+//!     Note over T: admission (the stream's peer must be the signer); record: receiving
 //!     T->>S: Signed<MigrationDecision>
 //!     Note over T: on accept: an empty, paused incoming VM
 //!     S->>T: transfer frames (see migration::engine)
+//!     Note over S: record: switching, before the VM pauses
+//!     Note over T: record: committed, before the VM resumes
 //!     T->>S: Commit | Abort | PageRequest
+//!     Note over S: record: committed, then destroy the source copy
 //! ```
 //!
 //! Negotiating on the stream that will carry the memory binds the transfer to exactly the two
 //! peers of the accepted offer: no other stream can present it.
+//!
+//! If the source loses the stream after it paused the VM, it cannot tell whether the target
+//! committed. It keeps the VM paused and asks the target on `/drift/resolve/1` (signed query,
+//! signed answer) until it learns: committed (destroy the copy), never ran (resume it), or,
+//! in post-copy, running without every page (the VM is lost: the source copy is stale). The
+//! same happens after a restart, from the durable records (see [`super::record`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use drift_protocol::audit::Side;
 use drift_protocol::migration::{
-    validate_decision, MigrationDecision, MigrationOffer, Mode, RejectReason, Verdict, VmSummary,
+    validate_decision, validate_resolve_answer, validate_resolve_query, MigrationDecision,
+    MigrationOffer, Mode, RejectReason, ResolveAnswer, ResolveOutcome, ResolveQuery, Verdict,
+    VmSummary,
 };
 use drift_protocol::transfer::receiver::{Accepted, Receiver};
 use drift_protocol::{AuditEvent, MigrationId, NodeId, SecretKey, Signed, VmId};
@@ -34,28 +48,41 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Semaphore};
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::engine::{
-    run_source, run_target, Progress, SocketVmm, SourceOutcome, SourceParams, SourceTransfer,
-    TargetOutcome,
+    run_source, run_target, EngineError, Hooks, Point, Progress, SocketVmm, SourceOutcome,
+    SourceParams, SourceTransfer, TargetOutcome,
 };
+use super::fault::{self, Fault};
 use super::frames::{read_typed, write_typed};
+use super::record::{Phase, Record, Records, Role};
+use super::tunnel::{
+    run_source_qemu, run_target_qemu, ChannelRefusal, IncomingTunnels, QemuParams, QemuSource,
+    QemuTarget, CHANNEL_PROTOCOL,
+};
 use crate::admission::{Admission, HostLoad, Limits};
+use crate::hypervisor::qemu::QemuSpec;
 use crate::hypervisor::{VmSpec, SOCKET_FILE};
 use crate::mesh::{peer_id, Client};
 use crate::state::NodeState;
 
 /// The stream protocol of migrations.
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/drift/migrate/1");
+/// The stream protocol of resolve queries.
+pub const RESOLVE_PROTOCOL: StreamProtocol = StreamProtocol::new("/drift/resolve/1");
 /// Negotiation frames are small.
 const MAX_NEGOTIATION_FRAME: usize = 64 * 1024;
 /// Incoming migration streams handled at once (more wait; admission refuses past its limit).
 const MAX_STREAMS: usize = 8;
-/// Finished migrations remembered for `drift migrations`.
-const MAX_FINISHED: usize = 64;
+/// Resolve queries answered at once; more are dropped (the source asks again).
+const MAX_RESOLVE_STREAMS: usize = 8;
 /// Migrations this node sends at once.
 const MAX_OUTGOING: usize = 4;
+/// Tunnel channel streams served at once (every QEMU migration opens 1 + multifd of them).
+const MAX_CHANNEL_STREAMS: usize = 64;
+/// The longest wait between two resolve attempts.
+const MAX_RESOLVE_BACKOFF: Duration = Duration::from_secs(5);
 
 /// One migration as `drift migrations` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -65,8 +92,11 @@ pub struct MigrationView {
     pub role: String,
     pub peer: NodeId,
     pub mode: Mode,
-    /// `negotiating | running | committed | resumed | unknown | aborted | refused`.
+    /// `running | resolving | committed | resumed | refused | aborted | incomplete | lost`.
     pub state: String,
+    /// The durable phase (see `migration::record`).
+    #[serde(default)]
+    pub phase: String,
     pub detail: String,
     pub progress: Option<Progress>,
 }
@@ -88,10 +118,21 @@ pub enum MigrateError {
     BadDecision(String),
     #[error("{0}")]
     Busy(String),
+    #[error("cannot record the migration: {0}")]
+    Record(std::io::Error),
 }
 
-/// A migration's view, and its live progress while it runs here as the source.
-type Tracked = (MigrationView, Option<watch::Receiver<Progress>>);
+/// Why the migration service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("migration records in {path}: {source}")]
+    Records {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Fault(String),
+}
 
 /// The migrations of one node.
 pub struct Migrations {
@@ -99,11 +140,22 @@ pub struct Migrations {
     mesh: Client,
     key: SecretKey,
     admission: Mutex<Admission>,
-    views: Mutex<BTreeMap<MigrationId, Tracked>>,
+    records: Records,
+    fault: Option<Fault>,
+    /// Live progress of the migrations running here as the source.
+    live: Mutex<BTreeMap<MigrationId, watch::Receiver<Progress>>>,
     /// Cancel handles of the migrations running here as the source.
     cancels: Mutex<BTreeMap<MigrationId, CancellationToken>>,
-    /// VMs being sent from here: one migration per VM at a time, at most `MAX_OUTGOING`.
-    outgoing: Mutex<std::collections::BTreeSet<VmId>>,
+    /// VMs being sent (or resolved) from here: one migration per VM at a time.
+    outgoing: Mutex<BTreeSet<VmId>>,
+    /// Transfers running here as the target.
+    receiving: Mutex<BTreeSet<MigrationId>>,
+    /// Source migrations waiting for the target's answer.
+    resolving: Mutex<BTreeSet<MigrationId>>,
+    /// Tunnelled QEMU migrations arriving here, for their channel streams.
+    tunnels: Arc<IncomingTunnels>,
+    /// Ends background work (resolvers) with the node.
+    shutdown: CancellationToken,
 }
 
 impl std::fmt::Debug for Migrations {
@@ -112,42 +164,164 @@ impl std::fmt::Debug for Migrations {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Migrations {
-    /// The migration service of a node.
-    pub fn new(state: Arc<NodeState>, mesh: Client, key: SecretKey) -> Arc<Self> {
-        Arc::new(Self {
+    /// The migration service of a node: reads its records (`<state_dir>/migrations`) and the
+    /// fault-injection setting. Call [`Migrations::recover`] next.
+    pub fn new(
+        state: Arc<NodeState>,
+        mesh: Client,
+        key: SecretKey,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, ServiceError> {
+        let dir = state.state_dir.join("migrations");
+        let (records, problems) = Records::open(&dir).map_err(|source| ServiceError::Records {
+            path: dir.clone(),
+            source,
+        })?;
+        for p in problems {
+            error!(problem = %p, "unreadable migration record left in place");
+        }
+        let fault = Fault::from_env(&state.state_dir).map_err(ServiceError::Fault)?;
+        if fault.is_some() {
+            warn!("fault injection is on ({})", fault::ENV);
+        }
+        Ok(Arc::new(Self {
             state,
             mesh,
             key,
             admission: Mutex::new(Admission::new(Limits::default())),
-            views: Mutex::new(BTreeMap::new()),
+            records,
+            fault,
+            live: Mutex::new(BTreeMap::new()),
             cancels: Mutex::new(BTreeMap::new()),
-            outgoing: Mutex::new(std::collections::BTreeSet::new()),
-        })
+            outgoing: Mutex::new(BTreeSet::new()),
+            receiving: Mutex::new(BTreeSet::new()),
+            resolving: Mutex::new(BTreeSet::new()),
+            tunnels: Arc::new(IncomingTunnels::default()),
+            shutdown,
+        }))
     }
 
-    fn set(&self, view: MigrationView, progress: Option<watch::Receiver<Progress>>) {
-        let mut views = self.views.lock().unwrap_or_else(|p| p.into_inner());
-        views.insert(view.id, (view, progress));
-        while views.len() > MAX_FINISHED {
-            let Some(old) = views
-                .iter()
-                .find(|(_, (v, _))| !matches!(v.state.as_str(), "negotiating" | "running"))
-                .map(|(id, _)| *id)
-            else {
-                break;
-            };
-            views.remove(&old);
+    fn vmm(&self, vm: &VmId) -> SocketVmm {
+        SocketVmm::new(self.state.vms.dir_of(vm).join(SOCKET_FILE))
+    }
+
+    fn has_vm(&self, vm: &VmId) -> bool {
+        self.state.vms.find(&vm.to_string()).is_ok()
+    }
+
+    /// Best-effort resume of a VM that may be paused.
+    async fn resume(&self, vm: &VmId) -> Result<(), String> {
+        self.state.vms.resume(vm).await.map_err(|e| e.to_string())
+    }
+
+    async fn destroy(&self, vm: &VmId) {
+        if self.has_vm(vm) {
+            if let Err(e) = self.state.vms.destroy(&vm.to_string()).await {
+                warn!(error = %e, "could not destroy a VM copy");
+            }
         }
     }
 
-    fn update(&self, id: &MigrationId, state: &str, detail: String) {
-        let mut views = self.views.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((v, p)) = views.get_mut(id) {
-            v.state = state.into();
-            v.detail = detail;
-            if let Some(p) = p.take() {
-                v.progress = Some(p.borrow().clone());
+    /// Writes a phase durably; logs loudly when the disk refuses.
+    fn advance(&self, id: &MigrationId, phase: Phase, detail: &str) -> std::io::Result<()> {
+        let r = self.records.advance(id, phase, detail);
+        if let Err(e) = &r {
+            error!(error = %e, migration = %id.short(), "could not record a migration step");
+        }
+        r
+    }
+
+    /// Brings every recorded migration to a safe state after a restart. Target records are
+    /// settled here, before any resolve query can be answered; unresolved source records get
+    /// a resolver that asks the target in the background.
+    pub async fn recover(self: &Arc<Self>) {
+        let records = self.records.all();
+        for r in records.iter().filter(|r| r.role == Role::Target) {
+            match &r.phase {
+                Phase::Receiving => {
+                    // Streams do not survive a restart: this transfer is over and the VM never
+                    // ran here.
+                    let _ = self.advance(&r.id, Phase::Aborted, "node restarted during transfer");
+                    self.state.audit(AuditEvent::Abort {
+                        id: r.id,
+                        side: Side::Target,
+                        reason: "node restarted during transfer".into(),
+                    });
+                    self.destroy(&r.vm).await;
+                    info!(migration = %r.id.short(), vm = %r.vm_name, "discarded an unfinished incoming VM");
+                }
+                Phase::RunningPostCopy => {
+                    let _ = self.advance(
+                        &r.id,
+                        Phase::Incomplete,
+                        "node restarted during post-copy: pages still missing",
+                    );
+                    self.state.audit(AuditEvent::Abort {
+                        id: r.id,
+                        side: Side::Target,
+                        reason: "post-copy incomplete: node restarted".into(),
+                    });
+                    warn!(migration = %r.id.short(), vm = %r.vm_name, "post-copy VM incomplete after restart");
+                }
+                Phase::Committed { .. } => {
+                    if self
+                        .state
+                        .vms
+                        .specs()
+                        .iter()
+                        .any(|s| s.id == r.vm && s.incoming)
+                    {
+                        if let Err(e) = self.state.vms.mark_arrived(&r.vm) {
+                            error!(error = %e, "could not mark a committed VM as arrived");
+                        }
+                    }
+                    if self.has_vm(&r.vm) {
+                        if let Err(e) = self.resume(&r.vm).await {
+                            warn!(error = %e, vm = %r.vm_name, "could not resume a committed VM");
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        // An incoming VM that no record accounts for never ran here.
+        for spec in self.state.vms.specs().into_iter().filter(|s| s.incoming) {
+            let accounted = records.iter().any(|r| {
+                r.role == Role::Target
+                    && r.vm == spec.id
+                    && matches!(r.phase, Phase::Committed { .. })
+            });
+            if !accounted {
+                info!(vm = %spec.name, "discarding an incoming VM no migration accounts for");
+                self.destroy(&spec.id).await;
+            }
+        }
+        for r in records.iter().filter(|r| r.role == Role::Source) {
+            match &r.phase {
+                Phase::Copying => {
+                    // The record moves to `switching` before the VM pauses: it never paused,
+                    // so the target cannot have committed.
+                    let _ = self.advance(&r.id, Phase::Aborted, "node restarted before switchover");
+                    self.state.audit(AuditEvent::Abort {
+                        id: r.id,
+                        side: Side::Source,
+                        reason: "node restarted before switchover".into(),
+                    });
+                    if self.has_vm(&r.vm) {
+                        let _ = self.resume(&r.vm).await;
+                    }
+                }
+                Phase::Switching | Phase::HandedOver => {
+                    warn!(migration = %r.id.short(), vm = %r.vm_name, "outcome unknown after restart: VM stays paused until the target answers");
+                    self.spawn_resolver(r.id);
+                }
+                Phase::Committed { .. } => self.destroy(&r.vm).await,
+                _ => {}
             }
         }
     }
@@ -155,8 +329,7 @@ impl Migrations {
     /// Cancels a migration this node is sending. Before switchover the VM resumes here; after
     /// it, the migration completes anyway. Returns whether such a migration was running.
     pub fn cancel(&self, id: &MigrationId) -> bool {
-        let cancels = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
-        match cancels.get(id) {
+        match lock(&self.cancels).get(id) {
             Some(token) => {
                 token.cancel();
                 true
@@ -165,19 +338,71 @@ impl Migrations {
         }
     }
 
-    /// Every migration known, newest state first in id order.
+    /// Every migration recorded here, oldest first.
     pub fn list(&self) -> Vec<MigrationView> {
-        let views = self.views.lock().unwrap_or_else(|p| p.into_inner());
-        views
-            .values()
-            .map(|(v, p)| {
-                let mut v = v.clone();
-                if let Some(p) = p {
-                    v.progress = Some(p.borrow().clone());
+        let live = lock(&self.live);
+        let resolving = lock(&self.resolving);
+        let mut records = self.records.all();
+        records.sort_by_key(|r| (r.started_at, r.id));
+        records
+            .into_iter()
+            .map(|r| {
+                let state = match (r.role, &r.phase) {
+                    (_, Phase::Committed { .. }) => "committed",
+                    (Role::Source, _) if resolving.contains(&r.id) => "resolving",
+                    (Role::Source, Phase::Aborted) if r.detail.starts_with("refused") => "refused",
+                    (Role::Source, Phase::Aborted) => "resumed",
+                    (Role::Source, Phase::Incomplete) => "lost",
+                    (Role::Target, Phase::Aborted) => "aborted",
+                    (Role::Target, Phase::Incomplete) => "incomplete",
+                    _ => "running",
+                };
+                let progress = live
+                    .get(&r.id)
+                    .map(|p| p.borrow().clone())
+                    .or(r.progress.clone());
+                MigrationView {
+                    id: r.id,
+                    vm: r.vm_name,
+                    role: match r.role {
+                        Role::Source => "source",
+                        Role::Target => "target",
+                    }
+                    .into(),
+                    peer: r.peer,
+                    mode: r.mode,
+                    state: state.into(),
+                    phase: r.phase.label().into(),
+                    detail: r.detail,
+                    progress,
                 }
-                v
             })
             .collect()
+    }
+
+    /// CPU demand (permille) reserved for accepted incoming migrations, for the load report.
+    pub fn reserved_permille(&self) -> u32 {
+        lock(&self.admission).reserved_permille()
+    }
+
+    /// When each VM last moved, as far as this node's records tell (it arrived here, or it
+    /// was sent from here): the balancing cooldown starts there.
+    pub fn last_moves(&self) -> BTreeMap<VmId, drift_protocol::Timestamp> {
+        let mut out = BTreeMap::new();
+        for r in self.records.all() {
+            if matches!(r.phase, Phase::Committed { .. }) {
+                let e = out.entry(r.vm).or_insert(r.updated_at);
+                if r.updated_at > *e {
+                    *e = r.updated_at;
+                }
+            }
+        }
+        out
+    }
+
+    /// VMs being sent from here now (or whose outcome is being resolved).
+    pub fn outgoing(&self) -> BTreeSet<VmId> {
+        lock(&self.outgoing).clone()
     }
 
     fn host_load(&self) -> HostLoad {
@@ -201,7 +426,7 @@ impl Migrations {
         }
     }
 
-    /// Accepts migration streams until `cancel`.
+    /// Accepts migration and resolve streams until `cancel`.
     pub fn spawn_acceptor(
         self: &Arc<Self>,
         cancel: CancellationToken,
@@ -209,37 +434,74 @@ impl Migrations {
         let this = self.clone();
         tokio::spawn(async move {
             let mut control = this.mesh.streams();
-            let mut incoming = match control.accept(PROTOCOL) {
-                Ok(i) => i,
-                Err(e) => {
+            let (mut migrations, mut resolves, mut channels) = match (
+                control.accept(PROTOCOL),
+                control.accept(RESOLVE_PROTOCOL),
+                control.accept(CHANNEL_PROTOCOL),
+            ) {
+                (Ok(m), Ok(r), Ok(c)) => (m, r, c),
+                (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
                     warn!(error = %e, "cannot accept migration streams");
                     return;
                 }
             };
             let permits = Arc::new(Semaphore::new(MAX_STREAMS));
+            let resolve_permits = Arc::new(Semaphore::new(MAX_RESOLVE_STREAMS));
+            let channel_permits = Arc::new(Semaphore::new(MAX_CHANNEL_STREAMS));
             loop {
-                let next = tokio::select! {
+                tokio::select! {
                     _ = cancel.cancelled() => break,
-                    next = incoming.next() => next,
-                };
-                let Some((peer, stream)) = next else { break };
-                let Some(from) = crate::mesh::node_id(&peer) else {
-                    continue;
-                };
-                let Ok(permit) = permits.clone().try_acquire_owned() else {
-                    // Too many at once: dropping the stream refuses it at no cost.
-                    continue;
-                };
-                let this = this.clone();
-                tokio::spawn(async move {
-                    this.incoming(from, stream.compat()).await;
-                    drop(permit);
-                });
+                    next = channels.next() => {
+                        let Some((peer, stream)) = next else { break };
+                        let Some(from) = crate::mesh::node_id(&peer) else { continue };
+                        let Ok(permit) = channel_permits.clone().try_acquire_owned() else {
+                            continue;
+                        };
+                        let this = this.clone();
+                        tokio::spawn(async move {
+                            match this.tunnels.serve(from, stream.compat()).await {
+                                Ok(()) => {}
+                                Err(ChannelRefusal::Io(e)) => {
+                                    warn!(from = %from.short(), error = %e, "tunnel channel failed");
+                                }
+                                Err(e) => this.state.audit(AuditEvent::Refused {
+                                    id: None,
+                                    peer: Some(from),
+                                    reason: format!("tunnel channel refused: {e}"),
+                                }),
+                            }
+                            drop(permit);
+                        });
+                    }
+                    next = migrations.next() => {
+                        let Some((peer, stream)) = next else { break };
+                        let Some(from) = crate::mesh::node_id(&peer) else { continue };
+                        // Too many at once: dropping the stream refuses it at no cost.
+                        let Ok(permit) = permits.clone().try_acquire_owned() else { continue };
+                        let this = this.clone();
+                        tokio::spawn(async move {
+                            this.incoming(from, stream.compat()).await;
+                            drop(permit);
+                        });
+                    }
+                    next = resolves.next() => {
+                        let Some((peer, stream)) = next else { break };
+                        let Some(from) = crate::mesh::node_id(&peer) else { continue };
+                        let Ok(permit) = resolve_permits.clone().try_acquire_owned() else {
+                            continue;
+                        };
+                        let this = this.clone();
+                        tokio::spawn(async move {
+                            this.answer_resolve(from, stream.compat()).await;
+                            drop(permit);
+                        });
+                    }
+                }
             }
         })
     }
 
-    async fn incoming<S>(&self, from: NodeId, mut stream: S)
+    async fn incoming<S>(self: &Arc<Self>, from: NodeId, mut stream: S)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -248,31 +510,42 @@ impl Migrations {
             read_typed::<_, Signed<MigrationOffer>>(&mut stream, MAX_NEGOTIATION_FRAME),
         )
         .await;
-        let Ok(Ok(signed)) = read else {
-            self.state.audit(AuditEvent::Refused {
-                id: None,
-                peer: Some(from),
-                reason: "migration stream did not start with a valid offer".into(),
-            });
-            return;
+        let signed = match read {
+            Ok(Ok(signed)) => signed,
+            Ok(Err(e)) => {
+                self.state.audit(AuditEvent::Refused {
+                    id: None,
+                    peer: Some(from),
+                    reason: format!("migration stream did not start with a valid offer: {e}"),
+                });
+                return;
+            }
+            Err(_) => {
+                self.state.audit(AuditEvent::Refused {
+                    id: None,
+                    peer: Some(from),
+                    reason: "migration stream sent no offer in time".into(),
+                });
+                return;
+            }
         };
         let now = crate::clock::now();
         let load = self.host_load();
         let verdict = {
             let roster = self.state.roster();
-            let mut adm = self.admission.lock().unwrap_or_else(|p| p.into_inner());
+            let mut adm = lock(&self.admission);
             adm.decide(&signed, &from, &self.state.me, &roster.roster, &load, now)
         };
         let (offer, reservation) = match verdict {
             Ok(ok) => ok,
             Err(reason) => {
                 self.state.audit(AuditEvent::Refused {
-                    id: None,
+                    id: signed.verify().ok().map(|o| o.id),
                     peer: Some(from),
-                    reason: format!("offer refused: {reason}"),
+                    reason: format!("offer refused: {} ({reason})", reason.label()),
                 });
                 info!(from = %from.short(), %reason, "refused a migration offer");
-                // Answer only well-formed offers addressed here; others get nothing.
+                // Answer only well-formed offers; others get nothing.
                 if let Ok(o) = signed.verify() {
                     let _ = self
                         .decide(&mut stream, &signed, &o, Verdict::Reject(reason))
@@ -287,6 +560,51 @@ impl Migrations {
             source: from,
             offer: signed.hash(),
         });
+        let id = offer.id;
+        lock(&self.receiving).insert(id);
+        self.receive(from, stream, signed, offer, reservation.until)
+            .await;
+        self.release(&id);
+        lock(&self.receiving).remove(&id);
+    }
+
+    async fn receive<S>(
+        self: &Arc<Self>,
+        from: NodeId,
+        mut stream: S,
+        signed: Signed<MigrationOffer>,
+        offer: MigrationOffer,
+        reserved_until: drift_protocol::Timestamp,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let now = crate::clock::now();
+        // Durable before anything exists here: an incoming VM is always accounted for.
+        let record = Record {
+            id: offer.id,
+            role: Role::Target,
+            vm: offer.vm.id,
+            vm_name: offer.vm.name.clone(),
+            peer: from,
+            mode: offer.mode,
+            phase: Phase::Receiving,
+            started_at: now,
+            updated_at: now,
+            detail: String::new(),
+            progress: None,
+        };
+        if let Err(e) = self.records.put(&record) {
+            error!(error = %e, "cannot record an incoming migration; refusing it");
+            let _ = self
+                .decide(
+                    &mut stream,
+                    &signed,
+                    &offer,
+                    Verdict::Reject(RejectReason::Busy),
+                )
+                .await;
+            return;
+        }
         // An empty, paused VM ready to receive the memory.
         let spec = VmSpec {
             id: offer.vm.id,
@@ -298,10 +616,11 @@ impl Migrations {
             placement: offer.vm.placement.clone(),
             seed: OsRng.next_u64() >> 1,
             incoming: true,
+            qemu: offer.vm.qemu.as_ref().map(QemuSpec::from_wire),
         };
         if let Err(e) = self.state.vms.create(spec.clone()).await {
-            self.release(&offer.id);
             warn!(error = %e, "could not prepare the incoming VM");
+            let _ = self.advance(&offer.id, Phase::Aborted, &format!("no VM: {e}"));
             let _ = self
                 .decide(
                     &mut stream,
@@ -317,9 +636,7 @@ impl Migrations {
                 &mut stream,
                 &signed,
                 &offer,
-                Verdict::Accept {
-                    reserved_until: reservation.until,
-                },
+                Verdict::Accept { reserved_until },
             )
             .await
             .is_err()
@@ -327,94 +644,114 @@ impl Migrations {
             self.discard(&offer, "decision not delivered").await;
             return;
         }
-        self.set(
-            MigrationView {
-                id: offer.id,
-                vm: offer.vm.name.clone(),
-                role: "target".into(),
-                peer: from,
-                mode: offer.mode,
-                state: "running".into(),
-                detail: String::new(),
-                progress: None,
-            },
-            None,
-        );
         self.state.audit(AuditEvent::TransferStarted {
             id: offer.id,
             side: Side::Target,
             peer: from,
         });
-        let vm = SocketVmm::new(self.state.vms.dir_of(&offer.vm.id).join(SOCKET_FILE));
-        let accepted = Accepted {
+        let hooks = SideHooks {
+            service: self.clone(),
             id: offer.id,
-            offer: signed.hash(),
-            source: from,
-            mode: offer.mode,
-            page_count: offer.vm.memory_mib * 256,
+            vm: offer.vm.id,
+            peer: from,
+            side: Side::Target,
         };
-        let state = self.state.clone();
+        let outcome = match &offer.vm.qemu {
+            Some(q) => {
+                let dir = self.state.vms.dir_of(&offer.vm.id);
+                match self.state.vms.qemu().qmp(&dir).await {
+                    Ok(qmp) => {
+                        let target = QemuTarget {
+                            qmp,
+                            vm_dir: dir,
+                            id: offer.id,
+                            offer: signed.hash(),
+                            source: from,
+                            key: self.key.clone(),
+                            params: QemuParams {
+                                mode: offer.mode,
+                                multifd_channels: q.multifd_channels,
+                                downtime_limit: Duration::ZERO,
+                                bandwidth_cap: None,
+                            },
+                            tunnels: self.tunnels.clone(),
+                        };
+                        run_target_qemu(target, &hooks, stream).await
+                    }
+                    Err(e) => Err(EngineError::Vmm(format!("QMP: {e}"))),
+                }
+            }
+            None => {
+                let accepted = Accepted {
+                    id: offer.id,
+                    offer: signed.hash(),
+                    source: from,
+                    mode: offer.mode,
+                    page_count: offer.vm.memory_mib * 256,
+                };
+                run_target(
+                    &self.vmm(&offer.vm.id),
+                    &hooks,
+                    stream,
+                    Receiver::new(accepted),
+                    offer.id,
+                    &self.key,
+                )
+                .await
+            }
+        };
         let id = offer.id;
-        let outcome = run_target(
-            &vm,
-            stream,
-            Receiver::new(accepted),
-            id,
-            &self.key,
-            |root| {
-                // The commit is durable before the VM resumes here.
-                state.audit(AuditEvent::Commit {
-                    id,
-                    side: Side::Target,
-                    root: *root,
-                });
-                state.vms.mark_arrived(&spec.id)
-            },
-        )
-        .await;
-        self.release(&offer.id);
         match outcome {
             Ok(TargetOutcome::Committed { root }) => {
-                info!(vm = %offer.vm.name, from = %from.short(), "VM arrived and runs here");
-                self.update(&id, "committed", format!("root {}", root.short()));
+                info!(vm = %offer.vm.name, from = %from.short(), root = %root.short(), "VM arrived and runs here");
             }
             Ok(TargetOutcome::Incomplete { reason }) => {
                 warn!(vm = %offer.vm.name, %reason, "post-copy incomplete");
+                let _ = self.advance(&id, Phase::Incomplete, &reason);
                 self.state.audit(AuditEvent::Abort {
                     id,
                     side: Side::Target,
-                    reason: reason.clone(),
+                    reason,
                 });
-                self.update(&id, "incomplete", reason);
             }
-            Ok(TargetOutcome::Aborted { reason }) => {
-                self.discard(&offer, &reason).await;
-                self.update(&id, "aborted", reason);
-            }
+            Ok(TargetOutcome::Aborted { reason }) => self.discard(&offer, &reason).await,
             Err(e) => {
-                self.discard(&offer, &e.to_string()).await;
-                self.update(&id, "aborted", e.to_string());
+                // What the VM is now follows from what was recorded before the failure.
+                match self.records.get(&id).map(|r| r.phase) {
+                    Some(Phase::Committed { .. }) => {
+                        warn!(error = %e, vm = %offer.vm.name, "committed, but the transfer failed after: resuming");
+                        if let Err(e) = self.resume(&offer.vm.id).await {
+                            error!(error = %e, "could not resume a committed VM");
+                        }
+                    }
+                    Some(Phase::RunningPostCopy) => {
+                        let reason = format!("post-copy failed: {e}");
+                        let _ = self.advance(&id, Phase::Incomplete, &reason);
+                        self.state.audit(AuditEvent::Abort {
+                            id,
+                            side: Side::Target,
+                            reason,
+                        });
+                    }
+                    _ => self.discard(&offer, &e.to_string()).await,
+                }
             }
         }
     }
 
     fn release(&self, id: &MigrationId) {
-        self.admission
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .release(id);
+        lock(&self.admission).release(id);
     }
 
+    /// The VM never ran here: recorded as such first, then the copy goes.
     async fn discard(&self, offer: &MigrationOffer, reason: &str) {
+        let _ = self.advance(&offer.id, Phase::Aborted, reason);
         self.state.audit(AuditEvent::Abort {
             id: offer.id,
             side: Side::Target,
             reason: reason.to_string(),
         });
-        if let Err(e) = self.state.vms.destroy(&offer.vm.id.to_string()).await {
-            warn!(error = %e, "could not discard the incoming VM");
-        }
-        self.release(&offer.id);
+        self.destroy(&offer.vm.id).await;
     }
 
     async fn decide<S: tokio::io::AsyncWrite + Unpin>(
@@ -445,6 +782,99 @@ impl Migrations {
         write_typed(stream, &Signed::sign(&decision, &self.key)).await
     }
 
+    /// Answers one resolve query from `from`.
+    async fn answer_resolve<S>(&self, from: NodeId, mut stream: S)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+    {
+        let read = tokio::time::timeout(
+            Duration::from_secs(10),
+            read_typed::<_, Signed<ResolveQuery>>(&mut stream, MAX_NEGOTIATION_FRAME),
+        )
+        .await;
+        let refuse = |reason: String| {
+            self.state.audit(AuditEvent::Refused {
+                id: None,
+                peer: Some(from),
+                reason,
+            });
+        };
+        let signed = match read {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return refuse(format!("resolve stream without a valid query: {e}")),
+            Err(_) => return refuse("resolve stream sent no query in time".into()),
+        };
+        let query = match validate_resolve_query(&signed, &from, &self.state.me) {
+            Ok(q) => q,
+            Err(e) => return refuse(format!("resolve query refused: {e}")),
+        };
+        let live = lock(&self.receiving).contains(&query.id);
+        let outcome = if live {
+            ResolveOutcome::InProgress
+        } else {
+            match self.records.get(&query.id) {
+                Some(r) if r.role != Role::Target || r.peer != from => {
+                    return refuse(format!(
+                        "resolve query for migration {} from a node that is not its source",
+                        query.id.short()
+                    ))
+                }
+                Some(r) => match r.phase {
+                    Phase::Committed { root } => ResolveOutcome::Committed { root },
+                    Phase::Aborted => ResolveOutcome::NeverRan,
+                    Phase::Incomplete | Phase::RunningPostCopy => ResolveOutcome::RunningIncomplete,
+                    _ => ResolveOutcome::InProgress,
+                },
+                None => self.outcome_from_audit(&query.id, &from),
+            }
+        };
+        if outcome != ResolveOutcome::InProgress {
+            self.state.audit(AuditEvent::Resolved {
+                id: query.id,
+                side: Side::Target,
+                outcome: outcome.label().into(),
+            });
+        }
+        let answer = ResolveAnswer {
+            id: query.id,
+            query: signed.hash(),
+            source: query.source,
+            target: self.state.me,
+            outcome,
+            answered_at: crate::clock::now(),
+        };
+        let _ = write_typed(&mut stream, &Signed::sign(&answer, &self.key)).await;
+    }
+
+    /// For a migration with no record left (records are pruned once finished): the audit log
+    /// says whether it committed here; anything else never ran here.
+    fn outcome_from_audit(&self, id: &MigrationId, source: &NodeId) -> ResolveOutcome {
+        let path = self.state.audit_path();
+        let Ok(contents) = crate::audit::read_log(&path) else {
+            // Unknowable now: the source asks again rather than act on a guess.
+            return ResolveOutcome::InProgress;
+        };
+        let mut accepted_from_source = false;
+        for r in &contents.records {
+            let Ok(rec) = r.verify() else { continue };
+            match rec.event {
+                AuditEvent::Commit {
+                    id: i,
+                    side: Side::Target,
+                    root,
+                } if &i == id => return ResolveOutcome::Committed { root },
+                AuditEvent::OfferReceived {
+                    id: i, source: s, ..
+                } if &i == id => {
+                    accepted_from_source |= &s == source;
+                }
+                _ => {}
+            }
+        }
+        let _ = accepted_from_source;
+        ResolveOutcome::NeverRan
+    }
+
     /// Offers `vm` to `to` and, once accepted, moves it in the background. Returns when the
     /// target has decided.
     pub async fn migrate(
@@ -456,7 +886,7 @@ impl Migrations {
     ) -> Result<MigrationId, MigrateError> {
         let spec = self.state.vms.find(vm)?;
         {
-            let mut outgoing = self.outgoing.lock().unwrap_or_else(|p| p.into_inner());
+            let mut outgoing = lock(&self.outgoing);
             if outgoing.contains(&spec.id) {
                 return Err(MigrateError::Busy(format!(
                     "{} is already migrating",
@@ -472,10 +902,7 @@ impl Migrations {
         }
         let result = self.offer_and_start(&spec, to, mode, params).await;
         if result.is_err() {
-            self.outgoing
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&spec.id);
+            lock(&self.outgoing).remove(&spec.id);
         }
         result
     }
@@ -515,6 +942,7 @@ impl Migrations {
                 vcpus: spec.vcpus,
                 demand_permille: spec.demand_permille,
                 placement: spec.placement.clone(),
+                qemu: spec.qemu.as_ref().map(QemuSpec::to_wire),
             },
             mode,
             nonce,
@@ -522,18 +950,165 @@ impl Migrations {
             expires_at: now.plus_millis(30_000),
             roster_epoch: epoch,
         };
-        let signed = Signed::sign(&offer, &self.key);
+        self.records
+            .put(&Record {
+                id: offer.id,
+                role: Role::Source,
+                vm: spec.id,
+                vm_name: spec.name.clone(),
+                peer: target,
+                mode,
+                phase: Phase::Copying,
+                started_at: now,
+                updated_at: now,
+                detail: String::new(),
+                progress: None,
+            })
+            .map_err(MigrateError::Record)?;
+        let result = self.negotiate(&offer, &spec).await;
+        let (stream, signed) = match result {
+            Ok(ok) => ok,
+            Err(e) => {
+                let detail = match &e {
+                    MigrateError::Refused(r) => format!("refused: {r}"),
+                    other => other.to_string(),
+                };
+                let _ = self.advance(&offer.id, Phase::Aborted, &detail);
+                return Err(e);
+            }
+        };
+        let (progress_tx, progress_rx) = watch::channel(Progress::default());
+        lock(&self.live).insert(offer.id, progress_rx);
+        self.state.audit(AuditEvent::TransferStarted {
+            id: offer.id,
+            side: Side::Source,
+            peer: target,
+        });
+        let cancel = CancellationToken::new();
+        lock(&self.cancels).insert(offer.id, cancel.clone());
+        let this = self.clone();
+        let transfer = SourceTransfer {
+            id: offer.id,
+            offer: signed.hash(),
+            page_count: spec.memory_mib * 256,
+            key: self.key.clone(),
+            target,
+        };
+        tokio::spawn(async move {
+            let params = SourceParams { mode, ..params };
+            let hooks = SideHooks {
+                service: this.clone(),
+                id: transfer.id,
+                vm: spec.id,
+                peer: target,
+                side: Side::Source,
+            };
+            let outcome = match &spec.qemu {
+                Some(q) => {
+                    this.qemu_source(
+                        &spec,
+                        q,
+                        stream,
+                        &transfer,
+                        params,
+                        &hooks,
+                        &progress_tx,
+                        cancel,
+                    )
+                    .await
+                }
+                None => {
+                    run_source(
+                        &this.vmm(&spec.id),
+                        &hooks,
+                        stream,
+                        transfer.clone(),
+                        params,
+                        &progress_tx,
+                        cancel,
+                    )
+                    .await
+                }
+            };
+            let id = transfer.id;
+            lock(&this.cancels).remove(&id);
+            this.records.set_progress(&id, progress_tx.borrow().clone());
+            lock(&this.live).remove(&id);
+            let keep_guard = this.source_finished(id, &spec, outcome).await;
+            if !keep_guard {
+                lock(&this.outgoing).remove(&spec.id);
+            }
+        });
+        Ok(offer.id)
+    }
+
+    /// The source side of a QEMU VM's migration: QEMU's stream tunnelled through the mesh.
+    #[allow(clippy::too_many_arguments)]
+    async fn qemu_source<S>(
+        &self,
+        spec: &VmSpec,
+        q: &QemuSpec,
+        stream: S,
+        transfer: &SourceTransfer,
+        params: SourceParams,
+        hooks: &SideHooks,
+        progress: &watch::Sender<Progress>,
+        cancel: CancellationToken,
+    ) -> Result<SourceOutcome, EngineError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+    {
+        let dir = self.state.vms.dir_of(&spec.id);
+        let qmp = self
+            .state
+            .vms
+            .qemu()
+            .qmp(&dir)
+            .await
+            .map_err(|e| EngineError::Vmm(format!("QMP: {e}")))?;
+        let source = QemuSource {
+            qmp,
+            vm_dir: dir,
+            mesh: self.mesh.clone(),
+            id: transfer.id,
+            offer: transfer.offer,
+            target: transfer.target,
+            key: transfer.key.clone(),
+            params: QemuParams {
+                mode: params.mode,
+                multifd_channels: q.multifd_channels,
+                downtime_limit: params.downtime_limit,
+                bandwidth_cap: params.bandwidth_cap,
+            },
+            commit_timeout: params.commit_timeout,
+        };
+        run_source_qemu(source, hooks, stream, progress, cancel).await
+    }
+
+    /// Opens the stream, sends the offer and reads the decision.
+    async fn negotiate(
+        &self,
+        offer: &MigrationOffer,
+        spec: &VmSpec,
+    ) -> Result<
+        (
+            tokio_util::compat::Compat<libp2p::Stream>,
+            Signed<MigrationOffer>,
+        ),
+        MigrateError,
+    > {
+        let signed = Signed::sign(offer, &self.key);
         self.state.audit(AuditEvent::OfferSent {
             id: offer.id,
             vm: spec.id,
-            target,
-            mode,
+            target: offer.target,
+            mode: offer.mode,
             offer: signed.hash(),
         });
         let mut control = self.mesh.streams();
         let stream = tokio::time::timeout(
             Duration::from_secs(10),
-            control.open_stream(peer_id(&target), PROTOCOL),
+            control.open_stream(peer_id(&offer.target), PROTOCOL),
         )
         .await
         .map_err(|_| MigrateError::Unreachable("timed out".into()))?
@@ -549,85 +1124,282 @@ impl Migrations {
         .await
         .map_err(|_| MigrateError::Unreachable("no decision in time".into()))?
         .map_err(|e| MigrateError::Unreachable(e.to_string()))?;
-        let decision = validate_decision(&decision, &signed, &offer)
+        let decision = validate_decision(&decision, &signed, offer)
             .map_err(|e| MigrateError::BadDecision(e.to_string()))?;
         if let Verdict::Reject(reason) = decision.verdict {
             return Err(MigrateError::Refused(reason));
         }
-        let (progress_tx, progress_rx) = watch::channel(Progress::default());
-        self.set(
-            MigrationView {
-                id: offer.id,
-                vm: spec.name.clone(),
-                role: "source".into(),
-                peer: target,
-                mode,
-                state: "running".into(),
-                detail: String::new(),
-                progress: None,
-            },
-            Some(progress_rx),
-        );
-        self.state.audit(AuditEvent::TransferStarted {
-            id: offer.id,
-            side: Side::Source,
-            peer: target,
-        });
-        let cancel = CancellationToken::new();
-        self.cancels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(offer.id, cancel.clone());
-        let this = self.clone();
-        let transfer = SourceTransfer {
-            id: offer.id,
-            offer: signed.hash(),
-            page_count: spec.memory_mib * 256,
-            key: self.key.clone(),
-            target,
-        };
-        tokio::spawn(async move {
-            let vm = SocketVmm::new(this.state.vms.dir_of(&spec.id).join(SOCKET_FILE));
-            let params = SourceParams { mode, ..params };
-            let outcome =
-                run_source(&vm, stream, transfer.clone(), params, &progress_tx, cancel).await;
-            let id = transfer.id;
-            this.cancels
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
-            this.outgoing
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&spec.id);
-            match outcome {
-                Ok(SourceOutcome::Committed { commit, .. }) => {
-                    this.state.audit(AuditEvent::Commit {
-                        id,
-                        side: Side::Source,
-                        root: commit.root,
-                    });
-                    if let Err(e) = this.state.vms.destroy(&spec.id.to_string()).await {
-                        warn!(error = %e, "could not destroy the migrated VM's source copy");
-                    }
-                    info!(vm = %spec.name, "VM moved");
-                    this.update(&id, "committed", format!("root {}", commit.root.short()));
+        Ok((stream, signed))
+    }
+
+    /// Acts on how a transfer ended at the source. Returns whether the VM stays guarded
+    /// (a resolver took it over).
+    async fn source_finished(
+        self: &Arc<Self>,
+        id: MigrationId,
+        spec: &VmSpec,
+        outcome: Result<SourceOutcome, EngineError>,
+    ) -> bool {
+        match outcome {
+            Ok(SourceOutcome::Committed { commit, .. }) => {
+                self.state.audit(AuditEvent::Commit {
+                    id,
+                    side: Side::Source,
+                    root: commit.root,
+                });
+                if self
+                    .advance(
+                        &id,
+                        Phase::Committed { root: commit.root },
+                        &format!("root {}", commit.root.short()),
+                    )
+                    .is_err()
+                {
+                    // Not destroyed without a durable record: the resolver retries the write.
+                    self.spawn_resolver(id);
+                    return true;
                 }
-                Ok(SourceOutcome::ResumedHere { reason }) => {
-                    this.state.audit(AuditEvent::Abort {
-                        id,
-                        side: Side::Source,
-                        reason: reason.clone(),
-                    });
-                    this.update(&id, "resumed", reason);
-                }
-                Ok(SourceOutcome::Unknown { reason }) => {
-                    warn!(vm = %spec.name, %reason, "migration outcome unknown: VM stays paused");
-                    this.update(&id, "unknown", reason);
-                }
-                Err(e) => this.update(&id, "unknown", e.to_string()),
+                self.destroy(&spec.id).await;
+                info!(vm = %spec.name, "VM moved");
+                false
             }
+            Ok(SourceOutcome::ResumedHere { reason }) => {
+                self.state.audit(AuditEvent::Abort {
+                    id,
+                    side: Side::Source,
+                    reason: reason.clone(),
+                });
+                let _ = self.advance(&id, Phase::Aborted, &reason);
+                false
+            }
+            Ok(SourceOutcome::Unknown { reason }) => {
+                warn!(vm = %spec.name, %reason, "migration outcome unknown: VM stays paused; asking the target");
+                if let Some(r) = self.records.get(&id) {
+                    let _ = self.advance(&id, r.phase, &reason);
+                }
+                self.spawn_resolver(id);
+                true
+            }
+            Err(e) => {
+                let phase = self.records.get(&id).map(|r| r.phase);
+                if matches!(phase, Some(Phase::Switching | Phase::HandedOver)) {
+                    warn!(error = %e, "migration failed after switchover began; asking the target");
+                    self.spawn_resolver(id);
+                    true
+                } else {
+                    let _ = self.advance(&id, Phase::Aborted, &e.to_string());
+                    false
+                }
+            }
+        }
+    }
+
+    /// Asks the target about `id` until it knows, then acts on the answer. The VM stays
+    /// paused (and guarded against another migration) meanwhile.
+    fn spawn_resolver(self: &Arc<Self>, id: MigrationId) {
+        let Some(record) = self.records.get(&id) else {
+            return;
+        };
+        if !lock(&self.resolving).insert(id) {
+            return;
+        }
+        lock(&self.outgoing).insert(record.vm);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(200);
+            let mut attempts = 0u64;
+            loop {
+                tokio::select! {
+                    _ = this.shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                attempts += 1;
+                match this.ask_target(&record).await {
+                    Ok(ResolveOutcome::InProgress) => {}
+                    Ok(outcome) => {
+                        this.apply_resolution(&record, outcome).await;
+                        break;
+                    }
+                    Err(e) => {
+                        if attempts % 10 == 1 {
+                            warn!(migration = %id.short(), error = %e, attempts, "cannot resolve yet");
+                        }
+                    }
+                }
+                delay = (delay * 2).min(MAX_RESOLVE_BACKOFF);
+            }
+            lock(&this.resolving).remove(&id);
+            lock(&this.outgoing).remove(&record.vm);
         });
-        Ok(offer.id)
+    }
+
+    async fn ask_target(&self, record: &Record) -> Result<ResolveOutcome, String> {
+        let query = ResolveQuery {
+            id: record.id,
+            source: self.state.me,
+            target: record.peer,
+            asked_at: crate::clock::now(),
+        };
+        let signed = Signed::sign(&query, &self.key);
+        let mut control = self.mesh.streams();
+        let stream = tokio::time::timeout(
+            Duration::from_secs(5),
+            control.open_stream(peer_id(&record.peer), RESOLVE_PROTOCOL),
+        )
+        .await
+        .map_err(|_| "no stream in time".to_string())?
+        .map_err(|e| e.to_string())?;
+        let mut stream = stream.compat();
+        write_typed(&mut stream, &signed)
+            .await
+            .map_err(|e| e.to_string())?;
+        let answer = tokio::time::timeout(
+            Duration::from_secs(10),
+            read_typed::<_, Signed<ResolveAnswer>>(&mut stream, MAX_NEGOTIATION_FRAME),
+        )
+        .await
+        .map_err(|_| "no answer in time".to_string())?
+        .map_err(|e| e.to_string())?;
+        let answer = validate_resolve_answer(&answer, &signed, &query).map_err(|e| {
+            self.state.audit(AuditEvent::Refused {
+                id: Some(record.id),
+                peer: Some(record.peer),
+                reason: format!("resolve answer refused: {e}"),
+            });
+            e.to_string()
+        })?;
+        Ok(answer.outcome)
+    }
+
+    async fn apply_resolution(&self, record: &Record, outcome: ResolveOutcome) {
+        let id = record.id;
+        self.state.audit(AuditEvent::Resolved {
+            id,
+            side: Side::Source,
+            outcome: outcome.label().into(),
+        });
+        match outcome {
+            ResolveOutcome::Committed { root } => {
+                self.state.audit(AuditEvent::Commit {
+                    id,
+                    side: Side::Source,
+                    root,
+                });
+                let _ = self.advance(
+                    &id,
+                    Phase::Committed { root },
+                    &format!("resolved: the target committed root {}", root.short()),
+                );
+                self.destroy(&record.vm).await;
+                info!(vm = %record.vm_name, "resolved: the VM runs on the target; source copy destroyed");
+            }
+            ResolveOutcome::NeverRan => {
+                let detail = match self.resume(&record.vm).await {
+                    Ok(()) => "resolved: the target never ran it; resumed here".to_string(),
+                    Err(e) => format!("resolved: the target never ran it; resume failed: {e}"),
+                };
+                self.state.audit(AuditEvent::Abort {
+                    id,
+                    side: Side::Source,
+                    reason: detail.clone(),
+                });
+                let _ = self.advance(&id, Phase::Aborted, &detail);
+                info!(vm = %record.vm_name, "{detail}");
+            }
+            ResolveOutcome::RunningIncomplete => {
+                // The guest ran on at the target past this copy: resuming it would fork the
+                // VM. Post-copy without its source is lost (design §4).
+                let detail = "resolved: post-copy ran on the target without every page; VM lost";
+                self.state.audit(AuditEvent::Abort {
+                    id,
+                    side: Side::Source,
+                    reason: detail.into(),
+                });
+                let _ = self.advance(&id, Phase::Incomplete, detail);
+                self.destroy(&record.vm).await;
+                error!(vm = %record.vm_name, "{detail}");
+            }
+            ResolveOutcome::InProgress => {}
+        }
+    }
+}
+
+/// What a node does at the points of a transfer, on either side.
+struct SideHooks {
+    service: Arc<Migrations>,
+    id: MigrationId,
+    vm: VmId,
+    peer: NodeId,
+    side: Side,
+}
+
+impl Hooks for SideHooks {
+    async fn at(&self, point: Point) -> std::io::Result<()> {
+        let s = &self.service;
+        let id = self.id;
+        match point {
+            Point::Pausing => {
+                s.records.advance(&id, Phase::Switching, "")?;
+                s.state.audit(AuditEvent::Switchover {
+                    id,
+                    side: Side::Source,
+                });
+            }
+            Point::HandingOver => s.records.advance(&id, Phase::HandedOver, "")?,
+            Point::CompleteSent(root) => s.state.audit(AuditEvent::Complete {
+                id,
+                side: Side::Source,
+                root,
+            }),
+            Point::ResumingPostCopy => {
+                s.records.advance(&id, Phase::RunningPostCopy, "")?;
+                s.state.audit(AuditEvent::Switchover {
+                    id,
+                    side: Side::Target,
+                });
+            }
+            Point::Verified(root) => {
+                // Durable before the VM resumes here.
+                s.records.advance(
+                    &id,
+                    Phase::Committed { root },
+                    &format!("root {}", root.short()),
+                )?;
+                s.state.audit(AuditEvent::Complete {
+                    id,
+                    side: Side::Target,
+                    root,
+                });
+                s.state.audit(AuditEvent::Commit {
+                    id,
+                    side: Side::Target,
+                    root,
+                });
+                if let Err(e) = s.state.vms.mark_arrived(&self.vm) {
+                    // The record is what counts; a restart marks it again.
+                    error!(error = %e, "could not mark the VM as arrived");
+                }
+            }
+            _ => {}
+        }
+        if let Some(f) = &s.fault {
+            let p = match (self.side, point) {
+                (Side::Source, Point::RoundSent(_)) => Some(fault::Point::SourceRounds),
+                (Side::Source, Point::Paused) => Some(fault::Point::SourceStopAndCopy),
+                (Side::Source, Point::CompleteSent(_)) => Some(fault::Point::SourceCompleteSent),
+                (Side::Source, Point::CommitReceived) => Some(fault::Point::SourceCommitReceived),
+                (Side::Source, Point::Pushing) => Some(fault::Point::SourcePostCopy),
+                (Side::Target, Point::RoundReceived(_)) => Some(fault::Point::TargetRounds),
+                (Side::Target, Point::CompleteReceived) => {
+                    Some(fault::Point::TargetCompleteReceived)
+                }
+                (Side::Target, Point::CommitSent) => Some(fault::Point::TargetCommitSent),
+                _ => None,
+            };
+            if let Some(p) = p {
+                f.at(p, &self.peer, &s.mesh).await;
+            }
+        }
+        Ok(())
     }
 }
