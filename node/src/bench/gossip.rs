@@ -1,6 +1,3 @@
-//! `drift bench`: measurements that print figures next to a baseline measured or computed in
-//! the same run.
-//!
 //! `drift bench gossip --nodes N` starts N nodes in this process on loopback (a sparse
 //! bootstrap graph: a ring plus chords), measures the time until every table holds every node
 //! alive, then the transport bytes each node receives per second over a window, next to the
@@ -14,6 +11,7 @@ use drift_protocol::codec::encode_frame;
 use drift_protocol::{LoadReport, SecretKey, Signed, Timestamp};
 use serde::Serialize;
 
+use super::TempDir;
 use crate::config::Config;
 use crate::daemon::{self, Running};
 use crate::table::Liveness;
@@ -78,7 +76,7 @@ pub async fn gossip(
     window: Duration,
     timeout: Duration,
 ) -> anyhow::Result<GossipFigures> {
-    let dir = tempfile_dir()?;
+    let dir = TempDir::new("gossip")?;
     let generated = testnet::generate_with(dir.path(), n, 0, interval, Topology::Sparse)?;
     let started = Instant::now();
     let mut nodes = Vec::with_capacity(n);
@@ -143,32 +141,4 @@ pub async fn gossip(
         overhead_ratio: mean / floor,
         reports_accepted_per_node_per_s: accepted_rate,
     })
-}
-
-/// A private temporary directory, removed when dropped.
-fn tempfile_dir() -> anyhow::Result<TempDir> {
-    let base = std::env::temp_dir().join(format!(
-        "drift-bench-{}-{}",
-        std::process::id(),
-        crate::clock::now().as_millis()
-    ));
-    std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
-    Ok(TempDir(base))
-}
-
-/// Removes its directory on drop.
-#[derive(Debug)]
-pub struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    /// The directory.
-    pub fn path(&self) -> &std::path::Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }

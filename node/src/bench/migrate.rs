@@ -1,0 +1,448 @@
+//! `drift bench migrate --memory-mib M --dirty-mib-per-s D`: live migrations of one sandbox VM
+//! between two in-process nodes, next to baselines measured in the same run.
+//!
+//! Every run creates a VM of `M` MiB on node-1 through the admin API, writes every page of its
+//! memory (a long-running guest's memory is not zero, and zero pages would travel as markers
+//! only), lets its workload dirty `D` MiB per second (4 KiB pages), and moves it to node-2 with
+//! `POST /v1/migrations`, polling `GET /v1/migrations` for its progress. Afterwards the VM must
+//! run on node-2 only, and verify clean page by page there.
+//!
+//! The runs, in order:
+//!
+//! 1. **stream**: the raw throughput of a drift stream between the same two nodes, for the
+//!    same number of bytes as the VM's memory (see [`super::transfer`]);
+//! 2. **baseline**: pre-copy of the same VM with its workload idle (dirty rate 0): the lower
+//!    bound on total time and bytes;
+//! 3. **pre-copy**, 4. **post-copy**, and optionally 5. **hybrid**, with the workload running.
+//!
+//! Times, downtime, rounds and bytes are the engine's own (`drift migrations` shows the same):
+//! pre-copy downtime runs from the pause on the source to the target's commit arriving there;
+//! post-copy downtime from the pause to the device state (on which the target resumes) going
+//! out.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use drift_protocol::migration::Mode;
+use drift_protocol::transfer::{PageBatch, MAX_PAGES_PER_BATCH, PAGE_SIZE};
+use serde::Serialize;
+
+use super::transfer::{stream_leg, Leg, Payload};
+use super::{start_pair, two_node_configs, Pair, TempDir};
+use crate::control::{client, CreateVm, MigrationsView, StartMigration, VmsView};
+use crate::hypervisor::guest::{write_page, VerifyReport, CANARY_PFN};
+use crate::hypervisor::vmm::{Request, Response};
+use crate::hypervisor::{RunState, SOCKET_FILE};
+use crate::migration::service::MigrationView;
+
+/// Targets the figures are printed next to.
+#[derive(Debug, Clone, Serialize)]
+pub struct Targets {
+    pub precopy_downtime_ms: f64,
+    /// Bytes sent / memory size.
+    pub bytes_ratio: f64,
+    pub postcopy_downtime_ms: f64,
+}
+
+/// The targets drift aims for.
+pub const TARGETS: Targets = Targets {
+    precopy_downtime_ms: 50.0,
+    bytes_ratio: 1.3,
+    postcopy_downtime_ms: 5.0,
+};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct MigrateParams {
+    pub memory_mib: u64,
+    pub dirty_mib_per_s: f64,
+    /// Also run hybrid (pre-copy rounds, then post-copy).
+    pub hybrid: bool,
+    /// Switch over once the remaining pages fit in this (the service's default if `None`).
+    pub downtime_limit_ms: Option<u64>,
+    /// Any one migration gives up after this long.
+    pub timeout: Duration,
+}
+
+/// A moment of a migration, as polled: one sample per change of phase or round.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    /// Since the migration was requested.
+    pub t_ms: f64,
+    pub state: String,
+    pub phase: String,
+    pub round: u32,
+    pub bytes_sent: u64,
+    pub dirty_pages: u64,
+    pub expected_downtime_ms: f64,
+}
+
+/// One migration's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    pub label: String,
+    /// `precopy`, `postcopy` or `hybrid`.
+    pub mode: String,
+    pub dirty_mib_per_s: f64,
+    /// The source's final state: `committed` on success.
+    pub outcome: String,
+    pub detail: String,
+    pub total_ms: Option<f64>,
+    pub downtime_ms: Option<f64>,
+    pub rounds: u32,
+    pub pages_sent: u64,
+    pub bytes_sent: u64,
+    /// bytes sent / memory size.
+    pub bytes_ratio: f64,
+    /// bytes sent / total time.
+    pub throughput_bytes_per_s: f64,
+    /// throughput / raw stream throughput.
+    pub throughput_vs_stream: f64,
+    /// Workload pages written on the source before the migration started.
+    pub writes_before: u64,
+    /// The target's page-by-page check after the migration.
+    pub verify: Option<VerifyReport>,
+    pub verified_clean: bool,
+    pub running_on_target: bool,
+    pub gone_from_source: bool,
+    pub timeline: Vec<Sample>,
+}
+
+/// Figures of one migrate run.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateFigures {
+    pub memory_mib: u64,
+    pub memory_bytes: u64,
+    pub page_count: u64,
+    pub dirty_mib_per_s: f64,
+    pub dirty_pages_per_s: u64,
+    /// The raw stream between the same nodes, for the memory's size in bytes.
+    pub stream: Leg,
+    /// Pre-copy with the workload idle.
+    pub baseline: Run,
+    pub precopy: Run,
+    pub postcopy: Run,
+    pub hybrid: Option<Run>,
+    pub targets: Targets,
+}
+
+const PAIR_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often the migration's progress is read.
+const POLL: Duration = Duration::from_millis(20);
+/// The workload runs this long before the migration starts.
+const WARM_UP: Duration = Duration::from_millis(500);
+/// How long the VM may take to settle on each side after the commit.
+const SETTLE: Duration = Duration::from_secs(15);
+
+/// Writes every page of the VM (but the canary) as its guest would, through its VMM socket.
+async fn populate(sock: &Path, page_count: u64) -> anyhow::Result<()> {
+    let mut conn = crate::hypervisor::connect(sock)
+        .await
+        .with_context(|| format!("connecting to {}", sock.display()))?;
+    let seed = match crate::hypervisor::exchange(&mut conn, &Request::Info).await? {
+        Response::Info(info) => info.spec.seed,
+        other => bail!("VMM answered {other:?} to Info"),
+    };
+    let mut buf = vec![0u8; MAX_PAGES_PER_BATCH * PAGE_SIZE];
+    let pfns: Vec<u64> = (0..page_count).filter(|&p| p != CANARY_PFN).collect();
+    for chunk in pfns.chunks(MAX_PAGES_PER_BATCH) {
+        for (page, &pfn) in buf.chunks_exact_mut(PAGE_SIZE).zip(chunk) {
+            write_page(page, seed, pfn, 1);
+        }
+        let batch = PageBatch::build(0, chunk.iter().copied().zip(buf.chunks_exact(PAGE_SIZE)));
+        match crate::hypervisor::exchange(&mut conn, &Request::WriteBatch(batch)).await? {
+            Response::Done => {}
+            other => bail!("VMM answered {other:?} to a page write"),
+        }
+    }
+    Ok(())
+}
+
+async fn vms(socket: &Path) -> anyhow::Result<VmsView> {
+    Ok(client::get(socket, "/v1/vms").await?)
+}
+
+/// Removes the VM from both nodes, wherever it is.
+async fn clean_up(pair: &Pair, name: &str) {
+    for node in [&pair.a, &pair.b] {
+        if node.state.vms.find(name).is_ok() {
+            let _ = node.state.vms.destroy(name).await;
+        }
+    }
+}
+
+fn sample(t0: Instant, m: &MigrationView) -> Sample {
+    let p = m.progress.clone().unwrap_or_default();
+    Sample {
+        t_ms: t0.elapsed().as_secs_f64() * 1e3,
+        state: m.state.clone(),
+        phase: p.phase,
+        round: p.rounds,
+        bytes_sent: p.bytes_sent,
+        dirty_pages: p.dirty_pages,
+        expected_downtime_ms: p.expected_downtime_ms,
+    }
+}
+
+/// Whether a migration in this state may still change.
+fn in_progress(state: &str) -> bool {
+    matches!(state, "negotiating" | "running" | "resolving")
+}
+
+/// Creates, fills and migrates one VM from `pair.a` to `pair.b`, then checks where it ended.
+async fn run_one(
+    pair: &Pair,
+    label: &str,
+    mode: Mode,
+    dirty_mib_per_s: f64,
+    p: &MigrateParams,
+    stream: &Leg,
+) -> anyhow::Result<Run> {
+    let name = format!("bench-{}", label.replace(' ', "-"));
+    let page_count = p.memory_mib * 256;
+    let create = CreateVm {
+        name: name.clone(),
+        memory_mib: p.memory_mib,
+        vcpus: 1,
+        demand: 0.1,
+        dirty_mib_per_s,
+        jurisdictions: Vec::new(),
+        regions: Vec::new(),
+        anti_affinity: None,
+        qemu: None,
+    };
+    let vm: crate::hypervisor::VmView =
+        client::post(&pair.a.socket, "/v1/vms", serde_json::to_vec(&create)?)
+            .await
+            .with_context(|| format!("creating {name} on node-1"))?;
+    let run = migrate_created(
+        pair,
+        label,
+        mode,
+        dirty_mib_per_s,
+        p,
+        stream,
+        &vm,
+        page_count,
+    )
+    .await;
+    clean_up(pair, &name).await;
+    run
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn migrate_created(
+    pair: &Pair,
+    label: &str,
+    mode: Mode,
+    dirty_mib_per_s: f64,
+    p: &MigrateParams,
+    stream: &Leg,
+    vm: &crate::hypervisor::VmView,
+    page_count: u64,
+) -> anyhow::Result<Run> {
+    let name = &vm.name;
+    let sock = pair.a.state.vms.dir_of(&vm.id).join(SOCKET_FILE);
+    populate(&sock, page_count)
+        .await
+        .with_context(|| format!("writing the memory of {name}"))?;
+    tokio::time::sleep(WARM_UP).await;
+    let writes_before = vms(&pair.a.socket)
+        .await?
+        .vms
+        .iter()
+        .find(|v| &v.name == name)
+        .map_or(0, |v| v.writes);
+
+    let req = StartMigration {
+        vm: name.clone(),
+        to: "node-2".into(),
+        mode,
+        downtime_limit_ms: p.downtime_limit_ms,
+        bandwidth_cap_bytes_per_s: None,
+    };
+    let t0 = Instant::now();
+    let started: serde_json::Value =
+        client::post(&pair.a.socket, "/v1/migrations", serde_json::to_vec(&req)?)
+            .await
+            .with_context(|| format!("starting the {label} migration"))?;
+    let id = started["id"]
+        .as_str()
+        .ok_or_else(|| anyhow!("the start of the migration named no id: {started}"))?
+        .to_string();
+
+    let mut timeline: Vec<Sample> = Vec::new();
+    let deadline = t0 + p.timeout;
+    let last = loop {
+        let view: MigrationsView = client::get(&pair.a.socket, "/v1/migrations").await?;
+        let m = view
+            .migrations
+            .into_iter()
+            .find(|m| m.id.to_string() == id)
+            .ok_or_else(|| anyhow!("migration {id} is no longer listed"))?;
+        let s = sample(t0, &m);
+        let changed = timeline
+            .last()
+            .is_none_or(|l| (&l.state, &l.phase, l.round) != (&s.state, &s.phase, s.round));
+        if changed {
+            timeline.push(s);
+        }
+        if !in_progress(&m.state) {
+            break m;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the {label} migration did not finish within {:?}",
+                p.timeout
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    };
+    let progress = last.progress.clone().unwrap_or_default();
+
+    // Where did the VM end up? Exactly one side, running, clean.
+    let committed = last.state == "committed";
+    let mut running_on_target = false;
+    let mut gone_from_source = false;
+    let mut verify = None;
+    if committed {
+        let settle = Instant::now() + SETTLE;
+        while Instant::now() < settle {
+            running_on_target = vms(&pair.b.socket)
+                .await?
+                .vms
+                .iter()
+                .any(|v| &v.name == name && v.state == RunState::Running);
+            gone_from_source = pair.a.state.vms.find(name).is_err();
+            if running_on_target && gone_from_source {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        verify = Some(
+            pair.b
+                .state
+                .vms
+                .verify(name)
+                .await
+                .with_context(|| format!("verifying {name} on node-2"))?,
+        );
+    }
+    let memory_bytes = page_count * PAGE_SIZE as u64;
+    let throughput = match progress.total_ms {
+        Some(t) if t > 0.0 => progress.bytes_sent as f64 / (t / 1e3),
+        _ => 0.0,
+    };
+    Ok(Run {
+        label: label.to_string(),
+        mode: mode.to_string(),
+        dirty_mib_per_s,
+        outcome: last.state.clone(),
+        detail: last.detail.clone(),
+        total_ms: progress.total_ms,
+        downtime_ms: progress.downtime_ms,
+        rounds: progress.rounds,
+        pages_sent: progress.pages_sent,
+        bytes_sent: progress.bytes_sent,
+        bytes_ratio: progress.bytes_sent as f64 / memory_bytes as f64,
+        throughput_bytes_per_s: throughput,
+        throughput_vs_stream: throughput / stream.bytes_per_s.max(1e-9),
+        writes_before,
+        verified_clean: verify
+            .as_ref()
+            .is_some_and(|v| v.bad_count == 0 && v.pages == page_count),
+        verify,
+        running_on_target,
+        gone_from_source,
+        timeline,
+    })
+}
+
+fn check(p: &MigrateParams) -> anyhow::Result<()> {
+    if p.memory_mib == 0 || p.memory_mib > crate::hypervisor::MAX_MEMORY_MIB {
+        bail!(
+            "--memory-mib must be 1 to {}",
+            crate::hypervisor::MAX_MEMORY_MIB
+        );
+    }
+    if !(0.0..=1024.0).contains(&p.dirty_mib_per_s) {
+        bail!("--dirty-mib-per-s must be 0 to 1024");
+    }
+    Ok(())
+}
+
+/// Runs the migrate benchmark.
+pub async fn migrate(p: MigrateParams) -> anyhow::Result<MigrateFigures> {
+    check(&p)?;
+    let dir = TempDir::new("migrate")?;
+    let configs = two_node_configs(dir.path(), Duration::from_millis(500))?;
+    let pair = start_pair(configs, PAIR_TIMEOUT).await?;
+    let result = runs(&pair, &p).await;
+    pair.shutdown().await;
+    result
+}
+
+async fn runs(pair: &Pair, p: &MigrateParams) -> anyhow::Result<MigrateFigures> {
+    let memory_bytes = p.memory_mib * 1024 * 1024;
+    let payload = Payload::new(memory_bytes);
+    let stream = stream_leg(pair, "libp2p tcp+noise+yamux", &payload, payload.digest()).await?;
+    let baseline = run_one(pair, "baseline", Mode::PreCopy, 0.0, p, &stream).await?;
+    let precopy = run_one(
+        pair,
+        "precopy",
+        Mode::PreCopy,
+        p.dirty_mib_per_s,
+        p,
+        &stream,
+    )
+    .await?;
+    let postcopy = run_one(
+        pair,
+        "postcopy",
+        Mode::PostCopy,
+        p.dirty_mib_per_s,
+        p,
+        &stream,
+    )
+    .await?;
+    let hybrid = if p.hybrid {
+        Some(run_one(pair, "hybrid", Mode::Hybrid, p.dirty_mib_per_s, p, &stream).await?)
+    } else {
+        None
+    };
+    Ok(MigrateFigures {
+        memory_mib: p.memory_mib,
+        memory_bytes,
+        page_count: p.memory_mib * 256,
+        dirty_mib_per_s: p.dirty_mib_per_s,
+        dirty_pages_per_s: (p.dirty_mib_per_s * 256.0).round() as u64,
+        stream,
+        baseline,
+        precopy,
+        postcopy,
+        hybrid,
+        targets: TARGETS,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_range_settings_are_refused() {
+        let p = |memory_mib, dirty_mib_per_s| MigrateParams {
+            memory_mib,
+            dirty_mib_per_s,
+            hybrid: false,
+            downtime_limit_ms: None,
+            timeout: Duration::from_secs(1),
+        };
+        assert!(check(&p(0, 1.0)).is_err());
+        assert!(check(&p(1 << 20, 1.0)).is_err());
+        assert!(check(&p(64, -1.0)).is_err());
+        assert!(check(&p(64, 2048.0)).is_err());
+        assert!(check(&p(64, 64.0)).is_ok());
+    }
+}
