@@ -18,6 +18,8 @@
 //! - [`transfer`]: the frames of a live-migration stream, the blake3 memory root, and the two
 //!   state machines that run a transfer: [`transfer::receiver`] (the target, over untrusted
 //!   frames) and [`transfer::sender`] (the source, and when it may resume the VM itself).
+//! - [`tunnel`]: the frames around a QEMU migration stream that drift tunnels through the
+//!   mesh, and the transcript root that binds what the two QEMUs sent and received.
 //! - [`policy`]: the balancing policy: overload detection, VM and target choice, a simulator
 //!   and a centralized baseline, as pure functions.
 //! - [`audit`]: [`AuditRecord`], a signed, hash-chained log entry, and the chain verifier.
@@ -46,6 +48,7 @@ pub mod roster;
 pub mod signed;
 pub mod time;
 pub mod transfer;
+pub mod tunnel;
 
 pub use audit::{AuditEvent, AuditRecord};
 pub use codec::{DecodeError, FrameDecoder, MAX_FRAME_LEN};

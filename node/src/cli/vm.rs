@@ -19,8 +19,8 @@ pub struct VmsArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
-    /// Start a sandbox VM on the node.
-    Create(CreateArgs),
+    /// Start a VM on the node: a sandbox VM, or a QEMU VM with `--backend qemu`.
+    Create(Box<CreateArgs>),
     /// Check a VM's memory page by page.
     Verify(NameArgs),
     /// Stop a VM and delete it.
@@ -50,8 +50,37 @@ pub struct CreateArgs {
     /// Anti-affinity group: VMs of one group never share a host.
     #[arg(long)]
     pub anti_affinity: Option<String>,
+    /// `sandbox` (synthetic, built in) or `qemu`.
+    #[arg(long, default_value = "sandbox", value_parser = ["sandbox", "qemu"])]
+    pub backend: String,
+    #[command(flatten)]
+    pub qemu: QemuArgs,
     #[command(flatten)]
     pub target: Target,
+}
+
+/// The machine of a QEMU VM (`--backend qemu`). Paths must be absolute and name the same
+/// files on every host the VM may move to.
+#[derive(Debug, Args)]
+pub struct QemuArgs {
+    /// Guest kernel.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "console=ttyS0")]
+    pub append: String,
+    /// Raw disk image (virtio).
+    #[arg(long)]
+    pub disk: Option<PathBuf>,
+    /// One more QEMU argument (repeatable, in order).
+    #[arg(long = "qemu-arg", allow_hyphen_values = true)]
+    pub qemu_args: Vec<String>,
+    /// Migrate over this many parallel channels (QEMU multifd; 0: one stream).
+    #[arg(long, default_value_t = 0)]
+    pub multifd_channels: u32,
 }
 
 #[derive(Debug, Args)]
@@ -86,6 +115,10 @@ pub(crate) fn vms(a: VmsArgs) -> anyhow::Result<ExitCode> {
                 format!("{}M", vm.memory_mib),
                 format!("{:.0}%", f64::from(vm.demand_permille) / 10.0),
                 vm.state.to_string(),
+                match &vm.accel {
+                    Some(accel) => format!("{}/{accel}", vm.backend),
+                    None => vm.backend.clone(),
+                },
                 v.host.clone(),
                 vm.placement.jurisdictions.join(","),
             ]
@@ -100,6 +133,7 @@ pub(crate) fn vms(a: VmsArgs) -> anyhow::Result<ExitCode> {
                 "MEMORY",
                 "DEMAND",
                 "STATE",
+                "BACKEND",
                 "HOST",
                 "JURISDICTIONS"
             ],
@@ -116,6 +150,18 @@ pub(crate) fn run(cmd: VmCommand) -> anyhow::Result<ExitCode> {
             if !(0.0..=1.0).contains(&a.demand) {
                 anyhow::bail!("--demand must be between 0.0 and 1.0");
             }
+            let qemu = match (a.backend.as_str(), a.qemu.kernel) {
+                ("qemu", Some(kernel)) => Some(crate::hypervisor::qemu::QemuSpec {
+                    kernel: std::path::absolute(&kernel)?,
+                    initrd: a.qemu.initrd.map(std::path::absolute).transpose()?,
+                    append: a.qemu.append,
+                    disk: a.qemu.disk.map(std::path::absolute).transpose()?,
+                    extra_args: a.qemu.qemu_args,
+                    multifd_channels: a.qemu.multifd_channels,
+                }),
+                ("qemu", None) => anyhow::bail!("--backend qemu needs --kernel"),
+                _ => None,
+            };
             let req = CreateVm {
                 name: a.name,
                 memory_mib: a.memory_mib,
@@ -125,11 +171,15 @@ pub(crate) fn run(cmd: VmCommand) -> anyhow::Result<ExitCode> {
                 jurisdictions: a.jurisdictions,
                 regions: a.regions,
                 anti_affinity: a.anti_affinity,
+                qemu,
             };
             let socket = a.target.socket()?;
             let vm: crate::hypervisor::VmView =
                 rt.block_on(client::post(&socket, "/v1/vms", serde_json::to_vec(&req)?))?;
-            println!("{} {} {}", vm.name, vm.id, vm.state);
+            match &vm.accel {
+                Some(accel) => println!("{} {} {} (qemu, {accel})", vm.name, vm.id, vm.state),
+                None => println!("{} {} {}", vm.name, vm.id, vm.state),
+            }
         }
         VmCommand::Verify(a) => {
             let socket = a.target.socket()?;
@@ -139,17 +189,23 @@ pub(crate) fn run(cmd: VmCommand) -> anyhow::Result<ExitCode> {
                 Vec::new(),
             ))?;
             let r = &v.report;
-            if r.bad_count == 0 {
-                println!(
-                    "ok: {} verified clean: {} pages, {} written",
-                    a.vm, r.pages, r.written
-                );
-            } else {
+            if r.bad_count > 0 {
                 println!(
                     "BAD: {} has {} bad pages (first: {:?})",
                     a.vm, r.bad_count, r.bad
                 );
                 return Ok(ExitCode::FAILURE);
+            } else if r.missing > 0 {
+                println!(
+                    "INCOMPLETE: {} lacks {} of {} pages (post-copy lost its source)",
+                    a.vm, r.missing, r.pages
+                );
+                return Ok(ExitCode::FAILURE);
+            } else {
+                println!(
+                    "ok: {} verified clean: {} pages, {} written",
+                    a.vm, r.pages, r.written
+                );
             }
         }
         VmCommand::Destroy(a) => {

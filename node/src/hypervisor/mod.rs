@@ -1,13 +1,21 @@
-//! Hypervisor backends. The built-in one is the **sandbox**: synthetic VMs, each in its own
-//! `drift vmm` process (see [`vmm`]), with memory a workload keeps rewriting and a verifier
-//! that checks it page by page (see [`guest`]). It is the correctness oracle of migration and
-//! needs no setup.
+//! Hypervisor backends, behind one registry of a node's VMs ([`Sandbox`]):
 //!
-//! Each VM lives in `<state_dir>/vms/<vm id>/`: `vm.toml` (its spec), `vmm.sock` (the VMM's
-//! socket), `vmm.log`. The node finds its VMs by listing that directory, so VMs outlive node
-//! restarts.
+//! - **sandbox** (the default): synthetic VMs, each in its own `drift vmm` process (see
+//!   [`vmm`]), with memory a workload keeps rewriting and a verifier that checks it page by page
+//!   (see [`guest`]). It is the correctness oracle of migration and needs no setup. drift's own
+//!   engine moves its memory ([`crate::migration::engine`], over [`vmm::Request`]).
+//! - **qemu**: real VMs, one QEMU process each, driven over QMP (see [`qemu`], [`qmp`]). QEMU
+//!   moves its own memory; drift tunnels QEMU's migration stream through the mesh
+//!   ([`crate::migration::tunnel`]).
+//!
+//! Each VM lives in `<state_dir>/vms/<vm id>/`: `vm.toml` (its spec; a `[qemu]` table makes it
+//! a QEMU VM) and the backend's files (`vmm.sock` and `vmm.log`, or `qmp.sock`, `serial.log`,
+//! `qemu.pid` and `qemu.log`). The node finds its VMs by listing that directory, so VMs outlive
+//! node restarts.
 
 pub mod guest;
+pub mod qemu;
+pub mod qmp;
 pub mod vmm;
 
 use std::collections::BTreeMap;
@@ -55,6 +63,20 @@ pub struct VmSpec {
     /// Created empty and paused, to receive a migration.
     #[serde(default)]
     pub incoming: bool,
+    /// A QEMU VM; `None` for a sandbox VM.
+    #[serde(default)]
+    pub qemu: Option<qemu::QemuSpec>,
+}
+
+impl VmSpec {
+    /// The backend's name: `sandbox` or `qemu`.
+    pub fn backend(&self) -> &'static str {
+        if self.qemu.is_some() {
+            "qemu"
+        } else {
+            "sandbox"
+        }
+    }
 }
 
 /// Whether the VM runs.
@@ -92,6 +114,19 @@ pub struct VmView {
     pub pid: Option<u32>,
     pub writes: u64,
     pub placement: Placement,
+    /// `sandbox` or `qemu`.
+    #[serde(default = "sandbox")]
+    pub backend: String,
+    /// QEMU VMs: `kvm` or `tcg`.
+    #[serde(default)]
+    pub accel: Option<String>,
+    /// QEMU VMs: the newest heartbeat the guest printed on its serial console.
+    #[serde(default)]
+    pub heartbeat: Option<u64>,
+}
+
+fn sandbox() -> String {
+    "sandbox".into()
 }
 
 /// What went wrong with a VM.
@@ -120,6 +155,7 @@ pub struct Sandbox {
     dir: PathBuf,
     exe: PathBuf,
     known: Mutex<BTreeMap<VmId, VmSpec>>,
+    qemu: qemu::QemuVms,
 }
 
 pub(crate) async fn call(sock: &Path, req: &Request) -> std::io::Result<Response> {
@@ -160,7 +196,13 @@ impl Sandbox {
             dir,
             exe,
             known: Mutex::new(BTreeMap::new()),
+            qemu: qemu::QemuVms::default(),
         }
+    }
+
+    /// The QEMU VMs of this node.
+    pub fn qemu(&self) -> &qemu::QemuVms {
+        &self.qemu
     }
 
     fn known(&self) -> std::sync::MutexGuard<'_, BTreeMap<VmId, VmSpec>> {
@@ -220,9 +262,19 @@ impl Sandbox {
 
     /// VM count and total demand (permille) of the VMs this node holds.
     pub fn summary(&self) -> (u32, u32) {
-        let known = self.known();
-        let demand = known.values().map(|s| s.demand_permille).sum();
-        (known.len() as u32, demand)
+        let specs = self.specs();
+        let demand = specs
+            .iter()
+            .map(|s| match &s.qemu {
+                // A QEMU VM's demand is what its process uses, measured between two reports.
+                Some(_) => self
+                    .qemu
+                    .cpu_permille(&self.vm_dir(&s.id))
+                    .unwrap_or(s.demand_permille),
+                None => s.demand_permille,
+            })
+            .sum();
+        (specs.len() as u32, demand)
     }
 
     /// Finds a VM by name or id.
@@ -272,8 +324,24 @@ impl Sandbox {
                 return Err(HypervisorError::NameTaken(spec.name));
             }
         }
+        if let Some(q) = &spec.qemu {
+            q.validate()?;
+        }
         let text = toml::to_string(&spec).map_err(|e| HypervisorError::Invalid(e.to_string()))?;
         let dir = self.vm_dir(&spec.id);
+        if let Some(q) = &spec.qemu {
+            let started = match self.write_dir(&dir, &text) {
+                Ok(()) => self.qemu.start(&spec, q, &dir).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = started {
+                self.qemu.stop(&dir).await;
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+            self.known().insert(spec.id, spec.clone());
+            return Ok(self.view_of(&spec).await);
+        }
         let started = self.spawn(&dir, &text);
         if let Err(e) = started {
             let _ = std::fs::remove_dir_all(&dir);
@@ -294,20 +362,29 @@ impl Sandbox {
         })
     }
 
-    /// Writes the VM's directory and starts its VMM.
-    fn spawn(&self, dir: &Path, spec_text: &str) -> Result<(), HypervisorError> {
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |source| HypervisorError::Io { path, source }
+    /// Writes the VM's directory with its spec.
+    fn write_dir(&self, dir: &Path, spec_text: &str) -> Result<(), HypervisorError> {
+        let io = |source| HypervisorError::Io {
+            path: dir.to_owned(),
+            source,
         };
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        std::fs::create_dir_all(dir).map_err(io)?;
         write_atomic(
             &dir.join(SPEC_FILE),
             spec_text.as_bytes(),
             0o600,
             Overwrite::Replace,
         )
-        .map_err(io(dir))?;
+        .map_err(io)
+    }
+
+    /// Writes the VM's directory and starts its VMM.
+    fn spawn(&self, dir: &Path, spec_text: &str) -> Result<(), HypervisorError> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| HypervisorError::Io { path, source }
+        };
+        self.write_dir(dir, spec_text)?;
         let log = std::fs::File::create(dir.join("vmm.log")).map_err(io(dir))?;
         let mut child = tokio::process::Command::new(&self.exe)
             .arg("vmm")
@@ -332,28 +409,70 @@ impl Sandbox {
         let specs: Vec<VmSpec> = self.known().values().cloned().collect();
         let mut out = Vec::with_capacity(specs.len());
         for spec in specs {
-            out.push(match self.ask(&spec, Request::Info).await {
-                Ok(Response::Info(info)) => view(info),
-                _ => VmView {
-                    id: spec.id,
-                    name: spec.name.clone(),
-                    memory_mib: spec.memory_mib,
-                    vcpus: spec.vcpus,
-                    demand_permille: spec.demand_permille,
-                    state: RunState::Lost,
-                    pid: None,
-                    writes: 0,
-                    placement: spec.placement.clone(),
-                },
-            });
+            out.push(self.view_of(&spec).await);
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
     }
 
+    /// One VM with its live state.
+    async fn view_of(&self, spec: &VmSpec) -> VmView {
+        let dir = self.vm_dir(&spec.id);
+        let mut v = VmView {
+            id: spec.id,
+            name: spec.name.clone(),
+            memory_mib: spec.memory_mib,
+            vcpus: spec.vcpus,
+            demand_permille: spec.demand_permille,
+            state: RunState::Lost,
+            pid: None,
+            writes: 0,
+            placement: spec.placement.clone(),
+            backend: spec.backend().into(),
+            accel: None,
+            heartbeat: None,
+        };
+        if spec.qemu.is_some() {
+            v.state = self.qemu.state(&dir).await;
+            v.pid = self.qemu.pid(&dir);
+            v.accel = Some(self.qemu.accel().to_string());
+            v.heartbeat = self.qemu.heartbeat(&dir);
+            return v;
+        }
+        match self.ask(spec, Request::Info).await {
+            Ok(Response::Info(info)) => view(info),
+            _ => v,
+        }
+    }
+
+    /// Resumes a paused VM.
+    pub async fn resume(&self, id: &VmId) -> Result<(), HypervisorError> {
+        let spec = self.find(&id.to_string())?;
+        if spec.qemu.is_some() {
+            return self
+                .qemu
+                .resume(&self.vm_dir(id))
+                .await
+                .map_err(|e| HypervisorError::Vmm {
+                    vm: spec.name.clone(),
+                    message: e.to_string(),
+                });
+        }
+        match self.ask(&spec, Request::Resume).await? {
+            Response::Done => Ok(()),
+            other => Err(unexpected(&spec, other)),
+        }
+    }
+
     /// Checks the VM's memory page by page.
     pub async fn verify(&self, name_or_id: &str) -> Result<VerifyReport, HypervisorError> {
         let spec = self.find(name_or_id)?;
+        if spec.qemu.is_some() {
+            return Err(HypervisorError::Invalid(format!(
+                "{} is a QEMU VM: only sandbox VMs verify their memory page by page",
+                spec.name
+            )));
+        }
         match self.ask(&spec, Request::Verify).await? {
             Response::Verified(r) => Ok(r),
             other => Err(unexpected(&spec, other)),
@@ -363,10 +482,14 @@ impl Sandbox {
     /// Stops the VM's VMM and removes its directory.
     pub async fn destroy(&self, name_or_id: &str) -> Result<(), HypervisorError> {
         let spec = self.find(name_or_id)?;
-        // A VMM that is already gone is destroyed too; removing the directory stops any
-        // VMM that did not answer.
-        let _ = self.ask(&spec, Request::Destroy).await;
         let dir = self.vm_dir(&spec.id);
+        if spec.qemu.is_some() {
+            self.qemu.stop(&dir).await;
+        } else {
+            // A VMM that is already gone is destroyed too; removing the directory stops any
+            // VMM that did not answer.
+            let _ = self.ask(&spec, Request::Destroy).await;
+        }
         std::fs::remove_dir_all(&dir)
             .map_err(|source| HypervisorError::Io { path: dir, source })?;
         self.known().remove(&spec.id);
@@ -392,5 +515,8 @@ fn view(info: VmmInfo) -> VmView {
         pid: Some(info.pid),
         writes: info.writes,
         placement: info.spec.placement,
+        backend: sandbox(),
+        accel: None,
+        heartbeat: None,
     }
 }

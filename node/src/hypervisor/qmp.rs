@@ -1,0 +1,893 @@
+//! A QMP (QEMU Machine Protocol) client: how drift drives a QEMU process.
+//!
+//! QMP is newline-delimited JSON over a Unix socket. QEMU greets, the client negotiates
+//! capabilities, then sends commands, each tagged with an `id` that QEMU echoes in its answer
+//! (`return` or `error`). Events arrive at any time, between answers:
+//!
+//! ```mermaid
+//! sequenceDiagram
+//!     participant D as drift (Qmp)
+//!     participant Q as QEMU
+//!     Q->>D: {"QMP": {"version": ..., "capabilities": [...]}}
+//!     D->>Q: {"execute": "qmp_capabilities", "id": 0}
+//!     Q->>D: {"return": {}, "id": 0}
+//!     D->>Q: {"execute": "query-status", "id": 1}
+//!     Q-->>D: {"event": "STOP", "data": {}, "timestamp": {...}}
+//!     Q->>D: {"return": {"running": false, "status": "paused"}, "id": 1}
+//! ```
+//!
+//! One reader task owns the read half: it routes answers by id to the waiting caller (at most
+//! [`MAX_IN_FLIGHT`] at once) and events to a bounded broadcast channel. One writer task owns
+//! the write half, so a caller that times out never leaves half a command on the socket. Lines
+//! over [`MAX_LINE`] bytes close the connection; malformed lines are logged and skipped. When
+//! the socket closes every waiting and later call fails with [`QmpError::Closed`]; dropping the
+//! [`Qmp`] ends both tasks.
+//!
+//! drift speaks QMP over `serde_json::Value` rather than through the `qapi` crate: it needs a
+//! handful of commands and events, not types generated from QEMU's whole schema and the codec
+//! stack that comes with them.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::AbortHandle;
+use tracing::{debug, warn};
+
+/// Longest line accepted from QEMU, newline included.
+pub const MAX_LINE: usize = 1024 * 1024;
+/// At most this many commands wait for their answers at once.
+pub const MAX_IN_FLIGHT: usize = 64;
+/// Events buffered per subscriber; a slower subscriber loses the oldest.
+pub const EVENT_BUFFER: usize = 256;
+/// How long the typed wrappers ([`Qmp::query_status`], [`Qmp::stop`], ...) wait for QEMU.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+/// A read buffer grown past this by a long line is released afterwards.
+const KEEP_BUFFER: usize = 64 * 1024;
+
+/// What went wrong talking to QEMU.
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    #[error("QMP socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("timed out waiting for {what}")]
+    Timeout { what: String },
+    #[error("QMP connection closed")]
+    Closed,
+    #[error("QMP {MAX_IN_FLIGHT} commands already in flight")]
+    Busy,
+    #[error("QMP protocol: {0}")]
+    Protocol(String),
+    #[error("QEMU refused: {class}: {desc}")]
+    Command { class: String, desc: String },
+}
+
+/// An asynchronous event from QEMU.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QmpEvent {
+    pub name: String,
+    /// `null` when the event carries no data.
+    pub data: Value,
+    /// When QEMU emitted it, microseconds since the Unix epoch.
+    pub timestamp_us: u64,
+}
+
+/// The answer to `query-status`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct VmStatus {
+    pub running: bool,
+    /// QEMU's run state: "running", "paused", "inmigrate", "postmigrate", "prelaunch", ...
+    pub status: String,
+}
+
+/// The answer to `query-migrate`; absent fields are `None` or 0.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MigrationInfo {
+    /// "setup", "active", "postcopy-active", "completed", "failed", "cancelled", ...
+    pub status: Option<String>,
+    pub total_time_ms: Option<u64>,
+    pub downtime_ms: Option<u64>,
+    pub expected_downtime_ms: Option<u64>,
+    pub setup_time_ms: Option<u64>,
+    pub ram_transferred: u64,
+    pub ram_remaining: u64,
+    pub ram_total: u64,
+    pub ram_mbps: f64,
+    pub dirty_sync_count: u64,
+    pub dirty_pages_rate: u64,
+    pub postcopy_requests: u64,
+    pub multifd_bytes: u64,
+    pub error_desc: Option<String>,
+}
+
+impl MigrationInfo {
+    fn parse(v: &Value) -> Self {
+        let ram = &v["ram"];
+        let u = |v: &Value, key: &str| v.get(key).and_then(Value::as_u64);
+        let s = |key: &str| v.get(key).and_then(Value::as_str).map(str::to_string);
+        Self {
+            status: s("status"),
+            total_time_ms: u(v, "total-time"),
+            downtime_ms: u(v, "downtime"),
+            expected_downtime_ms: u(v, "expected-downtime"),
+            setup_time_ms: u(v, "setup-time"),
+            ram_transferred: u(ram, "transferred").unwrap_or(0),
+            ram_remaining: u(ram, "remaining").unwrap_or(0),
+            ram_total: u(ram, "total").unwrap_or(0),
+            ram_mbps: ram.get("mbps").and_then(Value::as_f64).unwrap_or(0.0),
+            dirty_sync_count: u(ram, "dirty-sync-count").unwrap_or(0),
+            dirty_pages_rate: u(ram, "dirty-pages-rate").unwrap_or(0),
+            postcopy_requests: u(ram, "postcopy-requests").unwrap_or(0),
+            multifd_bytes: u(ram, "multifd-bytes").unwrap_or(0),
+            error_desc: s("error-desc"),
+        }
+    }
+}
+
+type Reply = Result<Value, QmpError>;
+
+/// What the reader and writer tasks share with the handle.
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    next_id: AtomicU64,
+}
+
+#[derive(Debug)]
+struct State {
+    open: bool,
+    pending: HashMap<u64, oneshot::Sender<Reply>>,
+    /// Dropped on close, which tells every subscriber.
+    events: Option<broadcast::Sender<QmpEvent>>,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Fails every waiting caller with `Closed`, and every later one.
+    fn close(&self) {
+        let mut state = self.state();
+        state.open = false;
+        state.pending.clear();
+        state.events = None;
+    }
+
+    fn route(&self, line: &[u8]) {
+        match parse_message(line) {
+            Ok(Message::Reply { id, reply }) => match self.state().pending.remove(&id) {
+                Some(tx) => {
+                    let _ = tx.send(reply);
+                }
+                None => debug!(id, "QMP answer nobody waits for any more"),
+            },
+            Ok(Message::Event(event)) => {
+                if let Some(tx) = &self.state().events {
+                    // No subscriber is fine: nobody waits for this event.
+                    let _ = tx.send(event);
+                }
+            }
+            Ok(Message::Ignored) => {}
+            Err(e) => warn!(error = %e, "skipping malformed QMP message"),
+        }
+    }
+}
+
+/// Removes a command's pending entry however its caller ends (answer, timeout, cancellation).
+struct Deregister<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for Deregister<'_> {
+    fn drop(&mut self) {
+        self.shared.state().pending.remove(&self.id);
+    }
+}
+
+/// One connection to one QEMU's QMP socket; share it through an `Arc`.
+#[derive(Debug)]
+pub struct Qmp {
+    shared: Arc<Shared>,
+    lines: mpsc::Sender<Vec<u8>>,
+    tasks: [AbortHandle; 2],
+}
+
+impl Drop for Qmp {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Qmp {
+    /// Connects to QEMU's QMP socket at `path`, checks the greeting and negotiates
+    /// capabilities, all within `timeout`.
+    pub async fn connect(path: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let greeted = async {
+            let (read, write) = UnixStream::connect(path).await?.into_split();
+            let mut read = BufReader::new(read);
+            let mut line = Vec::new();
+            if !read_line(&mut read, &mut line).await? {
+                return Err(QmpError::Closed);
+            }
+            let greeting: Value = serde_json::from_slice(&line)
+                .map_err(|e| QmpError::Protocol(format!("greeting is not JSON: {e}")))?;
+            let Some(qmp) = greeting.get("QMP").filter(|q| q.is_object()) else {
+                return Err(QmpError::Protocol("greeting lacks \"QMP\"".into()));
+            };
+            let v = &qmp["version"]["qemu"];
+            debug!(major = %v["major"], minor = %v["minor"], micro = %v["micro"], "QMP greeting");
+            Ok(Qmp::start(read, write))
+        };
+        let qmp = tokio::time::timeout_at(deadline, greeted)
+            .await
+            .map_err(|_| QmpError::Timeout {
+                what: "QMP greeting".into(),
+            })??;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        qmp.execute("qmp_capabilities", None, left).await?;
+        Ok(qmp)
+    }
+
+    fn start(read: BufReader<OwnedReadHalf>, write: OwnedWriteHalf) -> Qmp {
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                open: true,
+                pending: HashMap::new(),
+                events: Some(events),
+            }),
+            next_id: AtomicU64::new(0),
+        });
+        let (lines, rx) = mpsc::channel(MAX_IN_FLIGHT);
+        let reader = tokio::spawn(read_loop(read, shared.clone()));
+        let writer = tokio::spawn(write_loop(write, rx, shared.clone()));
+        Qmp {
+            shared,
+            lines,
+            tasks: [reader.abort_handle(), writer.abort_handle()],
+        }
+    }
+
+    /// Runs `command` and returns its `return` value, waiting at most `timeout`.
+    pub async fn execute(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Value, QmpError> {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut message = json!({ "execute": command, "id": id });
+        if let Some(arguments) = arguments {
+            message["arguments"] = arguments;
+        }
+        let mut line =
+            serde_json::to_vec(&message).map_err(|e| QmpError::Protocol(e.to_string()))?;
+        line.push(b'\n');
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut state = self.shared.state();
+            if !state.open {
+                return Err(QmpError::Closed);
+            }
+            if state.pending.len() >= MAX_IN_FLIGHT {
+                return Err(QmpError::Busy);
+            }
+            state.pending.insert(id, tx);
+        }
+        let _deregister = Deregister {
+            shared: &self.shared,
+            id,
+        };
+        let exchange = async {
+            self.lines.send(line).await.map_err(|_| QmpError::Closed)?;
+            rx.await.map_err(|_| QmpError::Closed)?
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| QmpError::Timeout {
+                what: command.to_string(),
+            })?
+    }
+
+    /// Whether the connection is gone (every call would fail with [`QmpError::Closed`]).
+    pub fn is_closed(&self) -> bool {
+        !self.shared.state().open
+    }
+
+    /// Subscribes to the events QEMU emits from now on. A subscriber that falls more than
+    /// [`EVENT_BUFFER`] events behind loses the oldest and is told how many (`Lagged`).
+    pub fn events(&self) -> broadcast::Receiver<QmpEvent> {
+        match &self.shared.state().events {
+            Some(tx) => tx.subscribe(),
+            // Closed: a receiver that reports it at once.
+            None => broadcast::channel(1).1,
+        }
+    }
+
+    /// Waits at most `timeout` for the next event called `name` that satisfies `pred`.
+    pub async fn wait_event(
+        &self,
+        rx: &mut broadcast::Receiver<QmpEvent>,
+        name: &str,
+        pred: impl Fn(&QmpEvent) -> bool,
+        timeout: Duration,
+    ) -> Result<QmpEvent, QmpError> {
+        let wait = async {
+            loop {
+                match rx.recv().await {
+                    Ok(event) if event.name == name && pred(&event) => return Ok(event),
+                    Ok(_) => {}
+                    Err(RecvError::Lagged(missed)) => {
+                        warn!(missed, waiting_for = name, "QMP events lost")
+                    }
+                    Err(RecvError::Closed) => return Err(QmpError::Closed),
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .map_err(|_| QmpError::Timeout {
+                what: format!("event {name}"),
+            })?
+    }
+
+    /// `query-status`: whether the guest runs.
+    pub async fn query_status(&self) -> Result<VmStatus, QmpError> {
+        let v = self.execute("query-status", None, COMMAND_TIMEOUT).await?;
+        serde_json::from_value(v).map_err(|e| QmpError::Protocol(format!("query-status: {e}")))
+    }
+
+    /// `query-migrate`: the progress of the current (or last) migration.
+    pub async fn query_migrate(&self) -> Result<MigrationInfo, QmpError> {
+        let v = self.execute("query-migrate", None, COMMAND_TIMEOUT).await?;
+        Ok(MigrationInfo::parse(&v))
+    }
+
+    /// `migrate-set-capabilities` with `(name, on)` pairs, e.g. `("postcopy-ram", true)`.
+    pub async fn set_capabilities(&self, caps: &[(&str, bool)]) -> Result<(), QmpError> {
+        let caps: Vec<Value> = caps
+            .iter()
+            .map(|(name, on)| json!({ "capability": name, "state": on }))
+            .collect();
+        let args = json!({ "capabilities": caps });
+        self.run("migrate-set-capabilities", Some(args)).await
+    }
+
+    /// `migrate-set-parameters`, e.g. `{"downtime-limit": 300}`.
+    pub async fn set_parameters(&self, params: Value) -> Result<(), QmpError> {
+        self.run("migrate-set-parameters", Some(params)).await
+    }
+
+    /// Pauses the guest (QEMU then emits `STOP`).
+    pub async fn stop(&self) -> Result<(), QmpError> {
+        self.run("stop", None).await
+    }
+
+    /// Resumes the guest (QEMU then emits `RESUME`).
+    pub async fn cont(&self) -> Result<(), QmpError> {
+        self.run("cont", None).await
+    }
+
+    /// Ends QEMU. The connection closing before the answer arrives counts as done.
+    pub async fn quit(&self) -> Result<(), QmpError> {
+        match self.run("quit", None).await {
+            Err(QmpError::Closed) => Ok(()),
+            other => other,
+        }
+    }
+
+    async fn run(&self, command: &str, arguments: Option<Value>) -> Result<(), QmpError> {
+        self.execute(command, arguments, COMMAND_TIMEOUT)
+            .await
+            .map(drop)
+    }
+}
+
+async fn read_loop(mut read: BufReader<OwnedReadHalf>, shared: Arc<Shared>) {
+    let mut line = Vec::new();
+    loop {
+        match read_line(&mut read, &mut line).await {
+            Ok(true) => shared.route(&line),
+            Ok(false) => {
+                debug!("QEMU closed the QMP socket");
+                break;
+            }
+            Err(e) => {
+                warn!(error = %e, "closing the QMP connection");
+                break;
+            }
+        }
+        if line.capacity() > KEEP_BUFFER {
+            line = Vec::new();
+        }
+    }
+    shared.close();
+}
+
+async fn write_loop(
+    mut write: OwnedWriteHalf,
+    mut lines: mpsc::Receiver<Vec<u8>>,
+    shared: Arc<Shared>,
+) {
+    while let Some(line) = lines.recv().await {
+        if let Err(e) = write.write_all(&line).await {
+            warn!(error = %e, "writing to the QMP socket failed");
+            shared.close();
+            return;
+        }
+    }
+}
+
+/// Reads one line (newline included) into `line`: `Ok(false)` at the end of the stream (a
+/// partial last line is dropped), an error for a line over [`MAX_LINE`] bytes. `line` never
+/// holds more than [`MAX_LINE`] bytes.
+async fn read_line<R: AsyncBufRead + Unpin>(
+    read: &mut R,
+    line: &mut Vec<u8>,
+) -> Result<bool, QmpError> {
+    line.clear();
+    loop {
+        let chunk = read.fill_buf().await?;
+        if chunk.is_empty() {
+            return Ok(false);
+        }
+        let (take, done) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (chunk.len(), false),
+        };
+        let needed = line.len() + take;
+        if needed > MAX_LINE {
+            return Err(QmpError::Protocol(format!("line over {MAX_LINE} bytes")));
+        }
+        if needed > line.capacity() {
+            let target = needed.max(line.capacity() * 2).min(MAX_LINE);
+            line.reserve_exact(target - line.len());
+        }
+        line.extend_from_slice(&chunk[..take]);
+        read.consume(take);
+        if done {
+            return Ok(true);
+        }
+    }
+}
+
+/// One line from QEMU.
+#[derive(Debug)]
+enum Message {
+    Reply {
+        id: u64,
+        reply: Reply,
+    },
+    Event(QmpEvent),
+    /// Blank lines and repeated greetings.
+    Ignored,
+}
+
+fn parse_message(line: &[u8]) -> Result<Message, String> {
+    if line.trim_ascii().is_empty() {
+        return Ok(Message::Ignored);
+    }
+    let v: Value = serde_json::from_slice(line).map_err(|e| format!("not JSON: {e}"))?;
+    let Some(obj) = v.as_object() else {
+        return Err("not a JSON object".into());
+    };
+    if let Some(name) = obj.get("event") {
+        let name = name.as_str().ok_or("event name is not a string")?;
+        let ts = &v["timestamp"];
+        let seconds = ts["seconds"].as_u64().unwrap_or(0);
+        let micros = ts["microseconds"].as_u64().unwrap_or(0);
+        return Ok(Message::Event(QmpEvent {
+            name: name.to_string(),
+            data: obj.get("data").cloned().unwrap_or(Value::Null),
+            timestamp_us: seconds.saturating_mul(1_000_000).saturating_add(micros),
+        }));
+    }
+    if obj.contains_key("QMP") {
+        return Ok(Message::Ignored);
+    }
+    let id = obj.get("id").and_then(Value::as_u64);
+    let reply = if let Some(ret) = obj.get("return") {
+        Ok(ret.clone())
+    } else if let Some(err) = obj.get("error") {
+        let text = |key: &str| err[key].as_str().unwrap_or("?").to_string();
+        Err(QmpError::Command {
+            class: text("class"),
+            desc: text("desc"),
+        })
+    } else {
+        return Err("neither an answer nor an event".into());
+    };
+    let id = id.ok_or("answer without a numeric id")?;
+    Ok(Message::Reply { id, reply })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use std::path::PathBuf;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::UnixListener;
+
+    const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, "capabilities": ["oob"]}}"#;
+    const SHORT: Duration = Duration::from_secs(5);
+
+    /// A fake QEMU serving one connection; `greeting: None` keeps silent.
+    fn fake(greeting: Option<&'static str>) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            serve(stream, greeting).await;
+        });
+        (dir, path)
+    }
+
+    async fn send(write: &mut OwnedWriteHalf, line: &str) {
+        write
+            .write_all(format!("{line}\r\n").as_bytes())
+            .await
+            .unwrap();
+    }
+
+    async fn serve(stream: UnixStream, greeting: Option<&str>) {
+        let (read, mut write) = stream.into_split();
+        let Some(greeting) = greeting else {
+            return std::future::pending().await;
+        };
+        send(&mut write, greeting).await;
+        let mut lines = BufReader::new(read).lines();
+        let (mut negotiated, mut held) = (false, Vec::new());
+        let (mut migrate, mut last_args) = (json!({}), Value::Null);
+        while let Ok(Some(line)) = lines.next_line().await {
+            let cmd: Value = serde_json::from_str(&line).unwrap();
+            let id = cmd["id"].clone();
+            let args = cmd.get("arguments").cloned().unwrap_or(Value::Null);
+            let name = cmd["execute"].as_str().unwrap().to_string();
+            let ok = |v: Value| json!({ "return": v, "id": id }).to_string();
+            let refuse = |class: &str, desc: String| {
+                json!({ "error": { "class": class, "desc": desc }, "id": id }).to_string()
+            };
+            let reply = match (negotiated, name.as_str()) {
+                (false, "qmp_capabilities") => {
+                    negotiated = true;
+                    ok(json!({}))
+                }
+                (false, _) => refuse(
+                    "CommandNotFound",
+                    "Expecting capabilities negotiation".into(),
+                ),
+                (true, "query-status") => {
+                    ok(json!({ "running": true, "singlestep": false, "status": "running" }))
+                }
+                (true, "query-migrate") => ok(migrate.clone()),
+                (true, "x-set-migrate") => {
+                    migrate = args;
+                    ok(json!({}))
+                }
+                (true, "migrate-set-capabilities") => {
+                    last_args = args;
+                    ok(json!({}))
+                }
+                (true, "x-last-args") => ok(last_args.clone()),
+                (true, "emit") => {
+                    for ev in args.as_array().unwrap() {
+                        let mut ev = ev.clone();
+                        ev["timestamp"] = json!({ "seconds": 1, "microseconds": 5 });
+                        send(&mut write, &ev.to_string()).await;
+                    }
+                    ok(json!({}))
+                }
+                (true, "garbage") => {
+                    send(&mut write, "{\"return\": not json").await;
+                    send(&mut write, "").await;
+                    ok(json!("after garbage"))
+                }
+                (true, "huge") => {
+                    let _ = write.write_all(&vec![b'x'; 2 * MAX_LINE]).await;
+                    return std::future::pending().await;
+                }
+                (true, "close") => return,
+                (true, "hang") => continue,
+                // Answers the third held command first, then the second, then the first.
+                (true, "hold") => {
+                    held.push(ok(args));
+                    if held.len() == 3 {
+                        for reply in held.drain(..).rev() {
+                            send(&mut write, &reply).await;
+                        }
+                    }
+                    continue;
+                }
+                _ => refuse(
+                    "CommandNotFound",
+                    format!("The command {name} has not been found"),
+                ),
+            };
+            send(&mut write, &reply).await;
+        }
+    }
+
+    async fn connected() -> (tempfile::TempDir, Arc<Qmp>) {
+        let (dir, path) = fake(Some(GREETING));
+        (dir, Arc::new(Qmp::connect(&path, SHORT).await.unwrap()))
+    }
+
+    #[tokio::test]
+    async fn negotiates_capabilities_and_checks_the_greeting() {
+        // The fake refuses every command before `qmp_capabilities`.
+        let (_dir, qmp) = connected().await;
+        assert!(!qmp.is_closed());
+        let status = qmp.query_status().await.unwrap();
+        assert_eq!((status.running, status.status.as_str()), (true, "running"));
+
+        let (_dir, path) = fake(Some(r#"{"hello": 1}"#));
+        let err = Qmp::connect(&path, SHORT).await.unwrap_err();
+        assert!(matches!(err, QmpError::Protocol(_)), "{err}");
+
+        let (_dir, path) = fake(None);
+        let err = Qmp::connect(&path, Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, QmpError::Timeout { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn out_of_order_answers_reach_their_callers() {
+        let (_dir, qmp) = connected().await;
+        let calls = (0..3).map(|n| {
+            let qmp = qmp.clone();
+            tokio::spawn(async move { qmp.execute("hold", Some(json!(n)), SHORT).await })
+        });
+        for (n, call) in calls.collect::<Vec<_>>().into_iter().enumerate() {
+            assert_eq!(call.await.unwrap().unwrap(), json!(n));
+        }
+    }
+
+    #[tokio::test]
+    async fn error_answers_name_class_and_desc() {
+        let (_dir, qmp) = connected().await;
+        let err = qmp.execute("nope", None, SHORT).await.unwrap_err();
+        let QmpError::Command { class, desc } = &err else {
+            panic!("{err}")
+        };
+        assert_eq!(class, "CommandNotFound");
+        assert_eq!(desc, "The command nope has not been found");
+        assert!(err
+            .to_string()
+            .contains("CommandNotFound: The command nope"));
+    }
+
+    #[tokio::test]
+    async fn events_reach_subscribers_and_wait_event_filters() {
+        let (_dir, qmp) = connected().await;
+        let mut rx = qmp.events();
+        let mut all = qmp.events();
+        let events = json!([
+            { "event": "STOP" },
+            { "event": "MIGRATION", "data": { "status": "setup" } },
+            { "event": "MIGRATION", "data": { "status": "completed" } },
+        ]);
+        qmp.execute("emit", Some(events), SHORT).await.unwrap();
+
+        let first = all.recv().await.unwrap();
+        assert_eq!(
+            (first.name.as_str(), first.timestamp_us),
+            ("STOP", 1_000_005)
+        );
+        assert_eq!(first.data, Value::Null);
+        let done = |e: &QmpEvent| e.data["status"] == "completed";
+        let event = qmp
+            .wait_event(&mut rx, "MIGRATION", done, SHORT)
+            .await
+            .unwrap();
+        assert_eq!(event.data, json!({ "status": "completed" }));
+
+        let short = Duration::from_millis(50);
+        let err = qmp
+            .wait_event(&mut rx, "STOP", |_| true, short)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, QmpError::Timeout { what } if what == "event STOP"));
+    }
+
+    #[tokio::test]
+    async fn unanswered_command_times_out_and_the_next_works() {
+        let (_dir, qmp) = connected().await;
+        let err = qmp
+            .execute("hang", None, Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, QmpError::Timeout { what } if what == "hang"));
+        assert!(qmp.shared.state().pending.is_empty());
+        assert!(qmp.query_status().await.unwrap().running);
+    }
+
+    #[tokio::test]
+    async fn too_many_commands_in_flight_are_refused() {
+        let (_dir, qmp) = connected().await;
+        for _ in 0..MAX_IN_FLIGHT {
+            let qmp = qmp.clone();
+            tokio::spawn(async move { qmp.execute("hang", None, SHORT).await });
+        }
+        let deadline = tokio::time::Instant::now() + SHORT;
+        while qmp.shared.state().pending.len() < MAX_IN_FLIGHT {
+            assert!(tokio::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let err = qmp.query_status().await.unwrap_err();
+        assert!(matches!(err, QmpError::Busy), "{err}");
+    }
+
+    #[tokio::test]
+    async fn closed_socket_fails_pending_and_later_calls() {
+        let (_dir, qmp) = connected().await;
+        let mut rx = qmp.events();
+        let hung = tokio::spawn({
+            let qmp = qmp.clone();
+            async move { qmp.execute("hang", None, SHORT).await }
+        });
+        let err = qmp.execute("close", None, SHORT).await.unwrap_err();
+        assert!(matches!(err, QmpError::Closed), "{err}");
+        assert!(matches!(hung.await.unwrap(), Err(QmpError::Closed)));
+        assert!(qmp.is_closed());
+        assert!(matches!(qmp.query_status().await, Err(QmpError::Closed)));
+        let stop = qmp.wait_event(&mut rx, "STOP", |_| true, SHORT).await;
+        assert!(matches!(stop, Err(QmpError::Closed)));
+        assert!(matches!(qmp.events().recv().await, Err(RecvError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn oversized_line_is_refused() {
+        let (_dir, qmp) = connected().await;
+        let err = qmp.execute("huge", None, SHORT).await.unwrap_err();
+        assert!(matches!(err, QmpError::Closed), "{err}");
+        assert!(matches!(qmp.query_status().await, Err(QmpError::Closed)));
+
+        // An endless line: refused without holding more than MAX_LINE bytes.
+        let mut endless = BufReader::new(tokio::io::repeat(b'x'));
+        let mut line = Vec::new();
+        let err = read_line(&mut endless, &mut line).await.unwrap_err();
+        assert!(matches!(err, QmpError::Protocol(_)), "{err}");
+        assert!(line.capacity() <= MAX_LINE);
+
+        // The longest line allowed passes.
+        let mut longest = vec![b'x'; MAX_LINE - 1];
+        longest.push(b'\n');
+        assert!(read_line(&mut longest.as_slice(), &mut line).await.unwrap());
+        assert_eq!(line.len(), MAX_LINE);
+    }
+
+    #[tokio::test]
+    async fn malformed_lines_are_skipped() {
+        let (_dir, qmp) = connected().await;
+        let answer = qmp.execute("garbage", None, SHORT).await.unwrap();
+        assert_eq!(answer, json!("after garbage"));
+        assert!(parse_message(b"[1, 2]").is_err());
+        assert!(parse_message(br#"{"return": {}}"#).is_err());
+        assert!(matches!(parse_message(b" \r\n"), Ok(Message::Ignored)));
+    }
+
+    #[tokio::test]
+    async fn typed_wrappers() {
+        let (_dir, qmp) = connected().await;
+        qmp.set_capabilities(&[("postcopy-ram", true), ("auto-converge", false)])
+            .await
+            .unwrap();
+        let sent = qmp.execute("x-last-args", None, SHORT).await.unwrap();
+        let expected = json!({ "capabilities": [
+            { "capability": "postcopy-ram", "state": true },
+            { "capability": "auto-converge", "state": false },
+        ]});
+        assert_eq!(sent, expected);
+
+        let completed = json!({ "status": "completed", "total-time": 1234, "downtime": 12,
+            "setup-time": 3, "ram": { "transferred": 1000, "remaining": 0, "total": 268435456,
+            "mbps": 830.5, "dirty-sync-count": 3, "dirty-pages-rate": 0,
+            "postcopy-requests": 0, "multifd-bytes": 0 } });
+        qmp.execute("x-set-migrate", Some(completed), SHORT)
+            .await
+            .unwrap();
+        let info = qmp.query_migrate().await.unwrap();
+        let expected = MigrationInfo {
+            status: Some("completed".into()),
+            total_time_ms: Some(1234),
+            downtime_ms: Some(12),
+            setup_time_ms: Some(3),
+            ram_transferred: 1000,
+            ram_total: 268_435_456,
+            ram_mbps: 830.5,
+            dirty_sync_count: 3,
+            ..MigrationInfo::default()
+        };
+        assert_eq!(info, expected);
+
+        let failed = json!({ "status": "failed", "error-desc": "Unable to write to socket" });
+        qmp.execute("x-set-migrate", Some(failed), SHORT)
+            .await
+            .unwrap();
+        let info = qmp.query_migrate().await.unwrap();
+        let expected = MigrationInfo {
+            status: Some("failed".into()),
+            error_desc: Some("Unable to write to socket".into()),
+            ..MigrationInfo::default()
+        };
+        assert_eq!(info, expected);
+    }
+
+    #[tokio::test]
+    async fn real_qemu() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qmp.sock");
+        let spawned = tokio::process::Command::new("qemu-system-x86_64")
+            .args([
+                "-machine",
+                "none",
+                "-display",
+                "none",
+                "-nodefaults",
+                "-qmp",
+            ])
+            .arg(format!("unix:{},server=on,wait=off", sock.display()))
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn();
+        let mut child = match spawned {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if std::env::var("CI").as_deref() == Ok("true") {
+                    panic!("qemu-system-x86_64 is required in CI");
+                }
+                println!("SKIPPED: qemu-system-x86_64 not installed");
+                return;
+            }
+            other => other.unwrap(),
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let qmp = loop {
+            match Qmp::connect(&sock, SHORT).await {
+                Ok(qmp) => break qmp,
+                Err(e) if tokio::time::Instant::now() > deadline => panic!("QEMU: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        let mut events = qmp.events();
+        qmp.stop().await.unwrap();
+        qmp.wait_event(&mut events, "STOP", |_| true, SHORT)
+            .await
+            .unwrap();
+        let status = qmp.query_status().await.unwrap();
+        assert_eq!((status.running, status.status.as_str()), (false, "paused"));
+        qmp.cont().await.unwrap();
+        qmp.wait_event(&mut events, "RESUME", |_| true, SHORT)
+            .await
+            .unwrap();
+        assert!(qmp.query_status().await.unwrap().running);
+        assert_eq!(qmp.query_migrate().await.unwrap().status, None);
+
+        qmp.quit().await.unwrap();
+        qmp.wait_event(&mut events, "SHUTDOWN", |_| true, SHORT)
+            .await
+            .unwrap();
+        let exit = tokio::time::timeout(SHORT, child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(exit.success(), "{exit}");
+    }
+}
