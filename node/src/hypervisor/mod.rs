@@ -192,6 +192,8 @@ impl Sandbox {
     /// The sandbox of a node whose VMs live in `dir`; `exe` is the `drift` binary that runs
     /// `drift vmm`.
     pub fn new(dir: PathBuf, exe: PathBuf) -> Self {
+        // Absolute: QEMU runs daemonized in `/`, and gets paths inside this directory.
+        let dir = std::path::absolute(&dir).unwrap_or(dir);
         Self {
             dir,
             exe,

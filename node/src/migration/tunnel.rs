@@ -83,6 +83,7 @@ fn vmm(e: QmpError) -> EngineError {
 /// Sets the capabilities (both sides) and parameters of a migration.
 async fn configure(qmp: &Qmp, p: &QemuParams, source: bool) -> Result<(), EngineError> {
     let mut caps = vec![
+        ("events", true),
         ("postcopy-ram", p.mode != Mode::PreCopy),
         ("multifd", p.multifd_channels > 0),
     ];
@@ -348,6 +349,20 @@ where
 {
     let qmp = &src.qmp;
     let mode = src.params.mode;
+    // QEMU pauses the guest on its own when it converges, so the switchover is recorded up
+    // front: from here a crash leaves the VM to the resolver, which resumes it here unless the
+    // target committed. Recording it here keeps the disk writes out of the downtime.
+    let postcopy = mode != Mode::PreCopy;
+    let recorded = match hooks.at(Point::Pausing).await {
+        Ok(()) if postcopy => hooks.at(Point::HandingOver).await,
+        other => other,
+    };
+    if let Err(e) = recorded {
+        return Ok(SourceOutcome::ResumedHere {
+            reason: format!("cannot record the switchover: {e}"),
+        });
+    }
+    let mut events = qmp.events();
     qmp.execute(
         "migrate",
         Some(json!({ "uri": format!("unix:{}", sock.display()) })),
@@ -385,6 +400,8 @@ where
                 // safe even after the switchover began.
                 return cancel_and_resume(qmp, reason).await;
             }
+            // A MIGRATION event (or the poll interval) is the cue to look.
+            _ = events.recv() => {}
             _ = tokio::time::sleep(POLL) => {}
         }
         let info = qmp.query_migrate().await.map_err(vmm)?;
@@ -404,15 +421,6 @@ where
         }
         match status.as_str() {
             "pre-switchover" if !switched => {
-                let point = if postcopy_requested {
-                    Point::HandingOver
-                } else {
-                    Point::Pausing
-                };
-                if let Err(e) = hooks.at(point).await {
-                    return cancel_and_resume(qmp, format!("cannot record the switchover: {e}"))
-                        .await;
-                }
                 switched = true;
                 handed_over = postcopy_requested;
                 hooks.at(Point::Paused).await?;
@@ -450,6 +458,7 @@ where
     };
     // QEMU completed: the guest is paused here. It resumes here only if the target says it
     // never ran; it is destroyed only on the target's signed commit.
+    let completed_at = Instant::now();
     let mut progress = progress_of(&info, started, "completed");
     if handed_over {
         hooks.at(Point::Pushing).await?;
@@ -504,6 +513,16 @@ where
                 ));
             }
             hooks.at(Point::CommitReceived).await?;
+            // Pre-copy: the guest was paused from QEMU's stop (its own downtime figure ends
+            // when the last bytes left) until the target resumed it, just before it committed.
+            if !handed_over {
+                progress.downtime_ms = progress
+                    .downtime_ms
+                    .map(|d| d + completed_at.elapsed().as_secs_f64() * 1e3);
+            }
+            progress.phase = "committed".into();
+            progress.total_ms = Some(started.elapsed().as_secs_f64() * 1e3);
+            let _ = watch.send(progress.clone());
             Ok(SourceOutcome::Committed { commit, progress })
         }
         Ok(Some(TunnelControl::Abort(a))) if !handed_over => {
