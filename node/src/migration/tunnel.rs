@@ -61,6 +61,8 @@ const MAX_BEFORE_SWITCHOVER: Duration = Duration::from_secs(600);
 const TARGET_IDLE: Duration = Duration::from_secs(600);
 /// How long to wait for the last bytes of every channel after QEMU completed.
 const DRAIN: Duration = Duration::from_secs(30);
+/// Tries to open one channel stream.
+const OPEN_TRIES: u32 = 4;
 /// Copy buffer of one direction of one channel.
 const PUMP_BUF: usize = 256 * 1024;
 /// `max-bandwidth` when no cap is set: QEMU's own default (128 MiB/s) would cap every
@@ -229,7 +231,8 @@ fn progress_of(info: &MigrationInfo, started: Instant, phase: &str) -> Progress 
         phase: phase.to_string(),
         rounds: info.dirty_sync_count.min(u64::from(u32::MAX)) as u32,
         pages_sent: info.ram_transferred / 4096,
-        bytes_sent: info.ram_transferred + info.multifd_bytes,
+        // QEMU counts multifd bytes in `transferred` too.
+        bytes_sent: info.ram_transferred,
         dirty_pages: info.ram_remaining / 4096,
         rate_bytes_per_s: info.ram_mbps * 1e6 / 8.0,
         expected_downtime_ms: info.expected_downtime_ms.unwrap_or(0) as f64,
@@ -320,6 +323,18 @@ where
     )
     .await;
     let _ = std::fs::remove_file(&sock);
+    if let Ok(SourceOutcome::ResumedHere { .. }) | Err(_) = &outcome {
+        // The guest runs here (or the engine failed): the target must not wait for more.
+        let _ = write_typed(
+            &mut wr,
+            &TunnelControl::Abort(Abort {
+                id: src.id,
+                reason: AbortReason::LocalError,
+            }),
+        )
+        .await;
+    }
+    let _ = wr.shutdown().await;
     outcome
 }
 
@@ -468,14 +483,6 @@ where
         if handed_over {
             return Ok(SourceOutcome::Unknown { reason });
         }
-        let _ = write_typed(
-            wr,
-            &TunnelControl::Abort(Abort {
-                id: src.id,
-                reason: AbortReason::LocalError,
-            }),
-        )
-        .await;
         ensure_running(qmp).await?;
         return Ok(SourceOutcome::ResumedHere { reason });
     };
@@ -576,6 +583,32 @@ async fn accept_source_channels(
     while tasks.join_next().await.is_some() {}
 }
 
+/// Opens a channel stream to `target`. A few tries: with two connections to one peer, the
+/// stream may land on one that is closing.
+async fn open_channel(
+    mesh: &Client,
+    target: NodeId,
+) -> std::io::Result<tokio_util::compat::Compat<libp2p::Stream>> {
+    let mut control = mesh.streams();
+    let mut last = String::new();
+    for attempt in 0..OPEN_TRIES {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+        }
+        match tokio::time::timeout(
+            Duration::from_secs(10),
+            control.open_stream(peer_id(&target), CHANNEL_PROTOCOL),
+        )
+        .await
+        {
+            Ok(Ok(stream)) => return Ok(stream.compat()),
+            Ok(Err(e)) => last = e.to_string(),
+            Err(_) => last = "timed out".into(),
+        }
+    }
+    Err(std::io::Error::other(format!("opening a channel: {last}")))
+}
+
 async fn source_channel(
     conn: UnixStream,
     mesh: &Client,
@@ -584,15 +617,7 @@ async fn source_channel(
     channel: u32,
     channels: &Channels,
 ) -> std::io::Result<()> {
-    let mut control = mesh.streams();
-    let stream = tokio::time::timeout(
-        Duration::from_secs(10),
-        control.open_stream(peer_id(&target), CHANNEL_PROTOCOL),
-    )
-    .await
-    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "opening a channel"))?
-    .map_err(|e| std::io::Error::other(e.to_string()))?;
-    let mut stream = stream.compat();
+    let mut stream = open_channel(mesh, target).await?;
     write_typed(&mut stream, &ChannelOpen { id, channel }).await?;
     let (from_qemu, to_qemu) = conn.into_split();
     let (from_peer, to_peer) = tokio::io::split(stream);
@@ -795,6 +820,7 @@ where
     {
         return aborted(format!("migrate-incoming: {e}"));
     }
+    let mut events = qmp.events();
     write_typed(wr, &TunnelControl::Ready).await?;
     let mut inbox = spawn_control_reader(rd);
     let mut running = false;
@@ -814,6 +840,7 @@ where
                 Some(other) => return ended(running, format!("unexpected control frame {other:?}")),
                 None => return ended(running, "the source went away".into()),
             },
+            _ = events.recv() => {}
             _ = tokio::time::sleep(POLL) => {}
         }
         let info = match qmp.query_migrate().await {
