@@ -239,6 +239,17 @@ pub mod cluster {
         fn drop(&mut self) {
             for n in &mut self.nodes {
                 n.kill9();
+                // QEMU VMs run daemonized and outlive their node, as they should; a test's
+                // must not outlive the test. (Sandbox VMMs end when their directory goes.)
+                let vms = n.state_dir().join("vms");
+                for vm in fs::read_dir(&vms).into_iter().flatten().flatten() {
+                    let pid = fs::read_to_string(vm.path().join("qemu.pid"))
+                        .ok()
+                        .and_then(|p| p.trim().parse::<i32>().ok());
+                    if let Some(pid) = pid {
+                        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                    }
+                }
             }
         }
     }
