@@ -12,6 +12,7 @@
 
 pub mod gossip;
 pub mod migrate;
+pub mod qemu;
 pub mod transfer;
 
 use std::path::{Path, PathBuf};

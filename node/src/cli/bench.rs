@@ -16,6 +16,27 @@ pub enum BenchCommand {
     Transfer(TransferArgs),
     /// Live migration of a sandbox VM between two nodes, in each mode, against baselines.
     Migrate(MigrateBenchArgs),
+    /// A QEMU guest migrated QEMU to QEMU directly and through drift's tunnel.
+    Qemu(QemuBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct QemuBenchArgs {
+    /// Memory of the guest.
+    #[arg(long, default_value_t = 256)]
+    pub memory_mib: u64,
+    /// Migrations of each kind (direct and tunnelled, alternating); medians are compared.
+    #[arg(long, default_value_t = 3)]
+    pub runs: u32,
+    /// Where deploy/guest/build.sh put vmlinuz and initrd.img.
+    #[arg(long, env = "DRIFT_GUEST_DIR")]
+    pub guest_dir: Option<std::path::PathBuf>,
+    /// Give up on any one migration (or boot) after this long.
+    #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -118,6 +139,27 @@ pub(crate) fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        BenchCommand::Qemu(a) => {
+            let guest_dir = match a.guest_dir {
+                Some(d) => d,
+                None => std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                    .join(".cache/drift/guest"),
+            };
+            let f = rt.block_on(crate::bench::qemu::qemu(
+                crate::bench::qemu::QemuBenchParams {
+                    memory_mib: a.memory_mib,
+                    runs: a.runs,
+                    guest_dir,
+                    timeout: a.timeout,
+                },
+            ))?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&f)?);
+            } else {
+                print_qemu(&f);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         BenchCommand::Migrate(a) => {
             let f = rt.block_on(crate::bench::migrate::migrate(MigrateParams {
                 memory_mib: a.memory_mib,
@@ -145,6 +187,29 @@ pub(crate) fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
 }
 
 const MIB: f64 = 1024.0 * 1024.0;
+
+fn print_qemu(f: &crate::bench::qemu::QemuFigures) {
+    println!(
+        "qemu, a {} MiB guest ({}), {} pre-copy migrations of each kind, medians",
+        f.memory_mib, f.accel, f.runs
+    );
+    let line = |name: &str, r: &crate::bench::qemu::QemuRun| {
+        println!(
+            "  {name:<34} total {:>8.1} ms  downtime {:>7.1} ms  {:>7.1} MiB/s  ({:.0} MiB)",
+            r.total_ms,
+            r.downtime_ms,
+            r.throughput_mib_per_s,
+            r.bytes as f64 / MIB
+        )
+    };
+    line("QEMU to QEMU, unix socket (baseline)", &f.direct_median);
+    line("through drift (tunnelled, encrypted)", &f.tunnelled_median);
+    println!(
+        "  total {:.2}x direct (target <= 1.15x), downtime {:+.1} ms (target <= +20 ms), \
+         throughput {:.2}x",
+        f.total_ratio, f.downtime_delta_ms, f.throughput_ratio
+    );
+}
 
 fn leg_line(name: &str, leg: &Leg) -> String {
     format!(
