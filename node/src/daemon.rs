@@ -155,7 +155,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         path: PathBuf::from("/proc/self/exe"),
         source,
     })?;
-    let vms = crate::hypervisor::Sandbox::new(state_dir.join("vms"), exe);
+    let vms = crate::hypervisor::Vms::new(state_dir.join("vms"), exe);
     vms.scan();
     let roster_hash = signed.hash();
     let state = Arc::new(NodeState::new(

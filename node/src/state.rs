@@ -87,7 +87,7 @@ pub struct NodeState {
     audit: Mutex<AuditLog>,
     pub counters: Counters,
     /// The node's VMs.
-    pub vms: crate::hypervisor::Sandbox,
+    pub vms: crate::hypervisor::Vms,
 }
 
 impl NodeState {
@@ -98,7 +98,7 @@ impl NodeState {
         (signed, roster): (Signed<Roster>, Roster),
         table: Table,
         audit: AuditLog,
-        vms: crate::hypervisor::Sandbox,
+        vms: crate::hypervisor::Vms,
     ) -> Self {
         Self {
             me,

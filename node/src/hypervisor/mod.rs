@@ -1,4 +1,5 @@
-//! Hypervisor backends, behind one registry of a node's VMs ([`Sandbox`]):
+//! Hypervisor backends, behind one registry of a node's VMs ([`Vms`]), which starts, lists,
+//! resumes and destroys a VM with the backend its spec names:
 //!
 //! - **sandbox** (the default): synthetic VMs, each in its own `drift vmm` process (see
 //!   [`vmm`]), with memory a workload keeps rewriting and a verifier that checks it page by page
@@ -149,9 +150,9 @@ pub enum HypervisorError {
     },
 }
 
-/// The sandbox backend of one node.
+/// The VMs of one node, of either backend.
 #[derive(Debug)]
-pub struct Sandbox {
+pub struct Vms {
     dir: PathBuf,
     exe: PathBuf,
     known: Mutex<BTreeMap<VmId, VmSpec>>,
@@ -188,9 +189,9 @@ pub(crate) async fn exchange(stream: &mut UnixStream, req: &Request) -> std::io:
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "VMM did not answer"))?
 }
 
-impl Sandbox {
-    /// The sandbox of a node whose VMs live in `dir`; `exe` is the `drift` binary that runs
-    /// `drift vmm`.
+impl Vms {
+    /// The VMs of a node, living in `dir`; `exe` is the `drift` binary that runs `drift vmm`
+    /// for sandbox VMs.
     pub fn new(dir: PathBuf, exe: PathBuf) -> Self {
         // Absolute: QEMU runs daemonized in `/`, and gets paths inside this directory.
         let dir = std::path::absolute(&dir).unwrap_or(dir);
