@@ -43,6 +43,11 @@ pub struct Config {
     pub gossip: GossipSection,
     #[serde(default)]
     pub balance: BalanceSection,
+    /// VMs this node starts the first time it runs on its state directory (`[[vm]]`, the
+    /// fields of `POST /v1/vms`, with a `[vm.qemu]` table for a QEMU VM). Created once: a VM
+    /// that has since moved to another host is not created again here.
+    #[serde(default)]
+    pub vm: Vec<crate::control::CreateVm>,
 }
 
 /// Identity, membership and network.
@@ -477,6 +482,14 @@ impl Config {
         if let Some(t) = &mut self.load.trace {
             fix(t);
         }
+        for vm in &mut self.vm {
+            if let Some(q) = &mut vm.qemu {
+                fix(&mut q.kernel);
+                for p in [&mut q.initrd, &mut q.disk].into_iter().flatten() {
+                    fix(p);
+                }
+            }
+        }
     }
 
     /// Semantic checks; the error names the key.
@@ -521,6 +534,16 @@ impl Config {
                 "gossip.max_report_age",
                 "must be at least load.interval".into(),
             ));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for vm in &self.vm {
+            if !drift_protocol::roster::valid_name(&vm.name) || !names.insert(vm.name.as_str()) {
+                return Err((
+                    "vm.name",
+                    format!("{:?}: names are 1 to 64 of [A-Za-z0-9._-], unique", vm.name),
+                ));
+            }
+            vm.clone().to_spec().map_err(|e| ("vm", e))?;
         }
         self.balance.validate()
     }
@@ -577,6 +600,42 @@ mod tests {
             load("[node]\nkey = \"k\"\nroster = \"r\"\nadmin = \"nope\"\nstate_dir = \"s\"\n")
                 .unwrap_err();
         assert!(err.to_string().contains("admin"), "{err}");
+    }
+
+    #[test]
+    fn configured_vms_load_with_resolved_paths_and_bad_ones_are_named() {
+        let base = format!(
+            "[node]\nkey = \"k\"\nroster = \"r\"\nadmin = \"{ADMIN}\"\nstate_dir = \"s\"\n"
+        );
+        let c = load(&format!(
+            "{base}[[vm]]\nname = \"web-1\"\nmemory_mib = 64\ndemand = 0.2\n\
+             jurisdictions = [\"de\"]\n\
+             [[vm]]\nname = \"db-1\"\nmemory_mib = 256\ndemand = 0.1\n\
+             [vm.qemu]\nkernel = \"images/vmlinuz\"\ninitrd = \"/images/initrd.img\"\n\
+             multifd_channels = 2\n"
+        ))
+        .unwrap();
+        assert_eq!(c.vm.len(), 2);
+        assert!(c.vm[0].qemu.is_none());
+        let q = c.vm[1].qemu.as_ref().unwrap();
+        assert!(q.kernel.is_absolute() && q.kernel.ends_with("images/vmlinuz"));
+        assert_eq!(q.multifd_channels, 2);
+        let twice = format!(
+            "{base}[[vm]]\nname = \"a\"\nmemory_mib = 8\ndemand = 0.1\n\
+             [[vm]]\nname = \"a\"\nmemory_mib = 8\ndemand = 0.1\n"
+        );
+        let err = load(&twice).unwrap_err();
+        assert!(err.to_string().contains("vm.name"), "{err}");
+        let err = load(&format!(
+            "{base}[[vm]]\nname = \"a\"\nmemory_mib = 8\ndemand = 3.0\n"
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("demand"), "{err}");
+        let err = load(&format!(
+            "{base}[[vm]]\nname = \"a\"\nmemory_mib = 8\ndemand = 0.1\nbogus = 1\n"
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use drift_protocol::roster::{self, RosterError};
 use drift_protocol::{AuditEvent, Roster, Signed};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn, Instrument};
+use tracing::{error, info, warn, Instrument};
 
 use crate::audit::AuditLog;
 use crate::autopilot::{Autopilot, DecisionLog};
@@ -221,6 +221,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     };
     // Target records settle before any resolve query is answered.
     migrations.recover().await;
+    create_configured_vms(&state, &config.vm).await;
     let acceptor = migrations.spawn_acceptor(cancel.clone());
     tasks.spawn(
         async move {
@@ -312,5 +313,54 @@ pub async fn stop_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term => {}
+    }
+}
+
+/// The names of the config's VMs already created on this state directory, one per line.
+const CONFIGURED_VMS: &str = "config-vms";
+
+/// Creates the config's `[[vm]]` entries that were never created on this state directory: a
+/// configured VM that has since moved to another host is not started here again.
+async fn create_configured_vms(state: &NodeState, vms: &[crate::control::CreateVm]) {
+    if vms.is_empty() {
+        return;
+    }
+    let ledger = state.state_dir.join(CONFIGURED_VMS);
+    let mut created: std::collections::BTreeSet<String> = std::fs::read_to_string(&ledger)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    for vm in vms {
+        if created.contains(&vm.name) {
+            continue;
+        }
+        if state.vms.find(&vm.name).is_err() {
+            let spec = match vm.clone().to_spec() {
+                Ok(spec) => spec,
+                Err(e) => {
+                    error!(error = %e, "configured VM not created");
+                    continue;
+                }
+            };
+            match state.vms.create(spec).await {
+                Ok(v) => info!(vm = %v.name, backend = %v.backend, "configured VM created"),
+                Err(e) => {
+                    // Not recorded: the next start tries again.
+                    error!(vm = %vm.name, error = %e, "configured VM not created");
+                    continue;
+                }
+            }
+        }
+        created.insert(vm.name.clone());
+        let text: String = created.iter().map(|n| format!("{n}\n")).collect();
+        if let Err(e) = crate::durable::write_atomic(
+            &ledger,
+            text.as_bytes(),
+            0o600,
+            crate::durable::Overwrite::Replace,
+        ) {
+            error!(path = %ledger.display(), error = %e, "cannot record the configured VMs created");
+        }
     }
 }

@@ -166,3 +166,61 @@ fn testnet_starts_vms_and_stops_them_on_exit() {
         );
     }
 }
+
+#[test]
+fn a_configured_vm_starts_once_and_does_not_come_back_after_it_moved() {
+    let mut c = Cluster::generate(2, Duration::from_millis(250));
+    let config = c.nodes[0].node.config.clone();
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!("{text}\n[[vm]]\nname = \"cfg-1\"\nmemory_mib = 16\ndemand = 0.1\n"),
+    )
+    .unwrap();
+    for n in &mut c.nodes {
+        n.start();
+    }
+    c.wait_converged(Duration::from_secs(60)).unwrap();
+    let socks: Vec<String> = c
+        .nodes
+        .iter()
+        .map(|n| n.node.socket.to_str().unwrap().to_string())
+        .collect();
+    let sock = |i: usize| socks[i].clone();
+    let has = |i: usize| {
+        let out = drift(&["vms", "--json", "--socket", &sock(i)]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["vms"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|m| m["name"] == "cfg-1"))
+    };
+    let started = wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+        has(0).then_some(())
+    });
+    assert!(started.is_some(), "the configured VM did not start");
+    let out = drift_ok(&[
+        "migrate",
+        "cfg-1",
+        "--to",
+        "node-2",
+        "--watch",
+        "--socket",
+        &sock(0),
+    ]);
+    assert!(out.contains("committed"), "{out}");
+    let moved = wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+        (!has(0) && has(1)).then_some(())
+    });
+    assert!(moved.is_some(), "cfg-1 did not end on node-2 only");
+    // Restarted, node-1 does not start it again: it runs on node-2, once.
+    assert!(c.nodes[0].terminate(Duration::from_secs(20)));
+    c.nodes[0].start();
+    c.wait_converged(Duration::from_secs(60)).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !has(0),
+        "the configured VM came back on node-1 after it moved"
+    );
+    assert!(has(1));
+    drift_ok(&["vm", "destroy", "cfg-1", "--socket", &sock(1)]);
+}

@@ -90,7 +90,8 @@ pub struct VmsView {
     pub vms: Vec<crate::hypervisor::VmView>,
 }
 
-/// `POST /v1/vms`: a sandbox VM to start.
+/// `POST /v1/vms`: a VM to start (a sandbox VM, or a QEMU VM with `qemu`); also a `[[vm]]`
+/// entry of the config.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVm {
@@ -111,6 +112,57 @@ pub struct CreateVm {
     /// A QEMU VM (its machine); absent: a sandbox VM.
     #[serde(default)]
     pub qemu: Option<crate::hypervisor::qemu::QemuSpec>,
+}
+
+impl CreateVm {
+    /// Checks the request and makes the VM's spec (a fresh id and seed).
+    pub fn to_spec(self) -> Result<crate::hypervisor::VmSpec, String> {
+        if !(0.0..=1.0).contains(&self.demand) || !(0.0..=1024.0).contains(&self.dirty_mib_per_s) {
+            return Err(format!(
+                "VM {:?}: demand must be 0.0 to 1.0 and dirty_mib_per_s 0 to 1024",
+                self.name
+            ));
+        }
+        let names_ok = self
+            .jurisdictions
+            .iter()
+            .chain(&self.regions)
+            .chain(self.anti_affinity.iter())
+            .all(|n| drift_protocol::roster::valid_name(n));
+        let limit = drift_protocol::migration::MAX_PLACEMENT_ENTRIES;
+        if !names_ok
+            || self.jurisdictions.len() > limit
+            || self.regions.len() > limit
+            || self.vcpus > drift_protocol::migration::MAX_VCPUS
+        {
+            return Err(format!(
+                "VM {:?}: placement names must be 1 to 64 of [A-Za-z0-9._-], at most {limit} of \
+                 each; vcpus at most {}",
+                self.name,
+                drift_protocol::migration::MAX_VCPUS
+            ));
+        }
+        if let Some(q) = &self.qemu {
+            q.validate()
+                .map_err(|e| format!("VM {:?}: {e}", self.name))?;
+        }
+        Ok(crate::hypervisor::VmSpec {
+            id: drift_protocol::VmId::random(&mut rand_core::OsRng),
+            name: self.name,
+            memory_mib: self.memory_mib,
+            vcpus: self.vcpus.max(1),
+            demand_permille: (self.demand * 1000.0).round() as u32,
+            dirty_pages_per_s: (self.dirty_mib_per_s * 256.0).round() as u64,
+            placement: drift_protocol::migration::Placement {
+                jurisdictions: self.jurisdictions,
+                regions: self.regions,
+                anti_affinity: self.anti_affinity,
+            },
+            seed: rand_core::RngCore::next_u64(&mut rand_core::OsRng) >> 1,
+            incoming: false,
+            qemu: self.qemu,
+        })
+    }
 }
 
 fn one() -> u32 {

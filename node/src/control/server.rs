@@ -22,7 +22,7 @@ use super::{
     StatusView, TableView, VerifyView, VmsView, API_VERSION,
 };
 use crate::autopilot::DecisionLog;
-use crate::hypervisor::{HypervisorError, VmSpec};
+use crate::hypervisor::HypervisorError;
 use crate::mesh::{Client, MAX_GOSSIP_MESSAGE};
 use crate::migration::service::{MigrateError, Migrations};
 use crate::state::NodeState;
@@ -251,48 +251,9 @@ async fn create_vm(State(app): State<App>, body: Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad VM request: {e}")),
     };
-    if !(0.0..=1.0).contains(&req.demand) || !(0.0..=1024.0).contains(&req.dirty_mib_per_s) {
-        return error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "demand must be 0.0 to 1.0 and dirty_mib_per_s 0 to 1024",
-        );
-    }
-    let names_ok = req
-        .jurisdictions
-        .iter()
-        .chain(&req.regions)
-        .chain(req.anti_affinity.iter())
-        .all(|n| drift_protocol::roster::valid_name(n));
-    let limit = drift_protocol::migration::MAX_PLACEMENT_ENTRIES;
-    if !names_ok
-        || req.jurisdictions.len() > limit
-        || req.regions.len() > limit
-        || req.vcpus > drift_protocol::migration::MAX_VCPUS
-    {
-        return error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!(
-                "placement names must be 1 to 64 of [A-Za-z0-9._-], at most {limit} of each; \
-                 vcpus at most {}",
-                drift_protocol::migration::MAX_VCPUS
-            ),
-        );
-    }
-    let spec = VmSpec {
-        id: drift_protocol::VmId::random(&mut rand_core::OsRng),
-        name: req.name,
-        memory_mib: req.memory_mib,
-        vcpus: req.vcpus.max(1),
-        demand_permille: (req.demand * 1000.0).round() as u32,
-        dirty_pages_per_s: (req.dirty_mib_per_s * 256.0).round() as u64,
-        placement: drift_protocol::migration::Placement {
-            jurisdictions: req.jurisdictions,
-            regions: req.regions,
-            anti_affinity: req.anti_affinity,
-        },
-        seed: rand_core::RngCore::next_u64(&mut rand_core::OsRng) >> 1,
-        incoming: false,
-        qemu: req.qemu,
+    let spec = match req.to_spec() {
+        Ok(spec) => spec,
+        Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, e),
     };
     match app.state.vms.create(spec).await {
         Ok(vm) => Json(vm).into_response(),
