@@ -33,10 +33,11 @@ pub struct TempDir(PathBuf);
 impl TempDir {
     /// A new directory under the system's temporary directory, named after `what`.
     pub fn new(what: &str) -> anyhow::Result<Self> {
+        // Short: unix socket paths inside it (VMs' QMP and migration sockets) must stay
+        // under the kernel's 108 bytes.
         let base = std::env::temp_dir().join(format!(
-            "drift-bench-{what}-{}-{}",
-            std::process::id(),
-            crate::clock::now().as_millis()
+            "drift-{what}-{:x}",
+            crate::clock::now().as_millis() ^ (u64::from(std::process::id()) << 40)
         ));
         std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
         Ok(Self(base))

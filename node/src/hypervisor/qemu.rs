@@ -180,6 +180,25 @@ impl std::fmt::Display for Accel {
     }
 }
 
+/// Longest unix socket path the kernel takes (`sun_path` holds 108 bytes with its NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Checks that a unix socket path fits, naming it when it does not.
+pub fn socket_path_fits(path: &Path) -> std::io::Result<()> {
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "socket path {} is {len} bytes, over the {MAX_SOCKET_PATH} a unix socket takes: \
+                 use a shorter state_dir",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The QEMU binary to run.
 pub fn binary() -> PathBuf {
     std::env::var_os("DRIFT_QEMU")
@@ -238,6 +257,11 @@ pub fn command_line(spec: &VmSpec, q: &QemuSpec, dir: &Path, accel: Accel) -> Ve
     args
 }
 
+/// The longest migration socket name the tunnel uses in a VM's directory.
+fn tunnel_socket_example() -> &'static str {
+    "migrate-00000000.sock"
+}
+
 /// CPU time of a QEMU process at one instant.
 #[derive(Debug, Clone, Copy)]
 struct CpuSample {
@@ -286,6 +310,8 @@ impl QemuVms {
             let path = path.to_owned();
             move |source| HypervisorError::Io { path, source }
         };
+        socket_path_fits(&dir.join(QMP_SOCKET)).map_err(io(dir))?;
+        socket_path_fits(&dir.join(tunnel_socket_example())).map_err(io(dir))?;
         let _ = std::fs::remove_file(dir.join(QMP_SOCKET));
         let _ = std::fs::remove_file(dir.join(PID_FILE));
         let log = std::fs::File::create(dir.join(QEMU_LOG)).map_err(io(dir))?;
