@@ -128,6 +128,27 @@ pub async fn recording_proxy(to: u16, seen: Arc<Mutex<Vec<u8>>>) -> u16 {
     port
 }
 
+/// Two started, converged nodes whose only connection runs through a [`recording_proxy`]
+/// (node-1 dials nobody; node-2 reaches node-1 through the proxy), and the recording. The
+/// proxy lives on `rt`.
+pub fn tapped_pair(rt: &tokio::runtime::Runtime) -> (Cluster, Arc<Mutex<Vec<u8>>>) {
+    let mut c = Cluster::generate(2, Duration::from_millis(300));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let proxy = rt.block_on(recording_proxy(c.nodes[0].node.port, seen.clone()));
+    let node1_peer = drift_node::mesh::peer_id(&c.nodes[0].node.id);
+    set_bootstrap(&c.nodes[0].node.config, &[]);
+    set_bootstrap(
+        &c.nodes[1].node.config,
+        &[format!("/ip4/127.0.0.1/tcp/{proxy}/p2p/{node1_peer}")],
+    );
+    for n in &mut c.nodes {
+        n.start();
+    }
+    c.wait_converged(Duration::from_secs(60))
+        .expect("the tapped pair converges");
+    (c, seen)
+}
+
 pub mod compose;
 pub use cluster::{Cluster, NodeProc};
 

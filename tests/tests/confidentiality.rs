@@ -4,29 +4,13 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
 use drift_node::hypervisor::guest::CANARY;
-use drift_tests::{drift_ok, recording_proxy, set_bootstrap, Cluster};
+use drift_tests::{drift_ok, tapped_pair};
 
 #[test]
 fn no_guest_memory_crosses_the_wire_in_clear() {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut c = Cluster::generate(2, Duration::from_millis(300));
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let proxy = rt.block_on(recording_proxy(c.nodes[0].node.port, seen.clone()));
-    // node-1 dials nobody; node-2 reaches node-1 only through the proxy.
-    let node1_peer = drift_node::mesh::peer_id(&c.nodes[0].node.id);
-    set_bootstrap(&c.nodes[0].node.config, &[]);
-    set_bootstrap(
-        &c.nodes[1].node.config,
-        &[format!("/ip4/127.0.0.1/tcp/{proxy}/p2p/{node1_peer}")],
-    );
-    for n in &mut c.nodes {
-        n.start();
-    }
-    c.wait_converged(Duration::from_secs(60)).unwrap();
+    let (c, seen) = tapped_pair(&rt);
     let sock = |i: usize| c.nodes[i].node.socket.to_str().unwrap().to_string();
     drift_ok(&[
         "vm",

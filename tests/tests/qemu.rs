@@ -22,12 +22,12 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use drift_node::hypervisor::qemu::parse_heartbeats;
 use drift_node::hypervisor::qmp::Qmp;
-use drift_tests::{drift, drift_ok, recording_proxy, set_bootstrap, wait_until, Cluster};
+use drift_tests::{drift, drift_ok, tapped_pair, wait_until, Cluster};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -307,20 +307,7 @@ fn no_guest_memory_crosses_the_wire_in_clear() {
     let marker = "DRIFT-QEMU-MARKER-7f3a91c2";
     let append = format!("{APPEND} drift.marker={marker}");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut c = Cluster::generate(2, Duration::from_millis(300));
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let proxy = rt.block_on(recording_proxy(c.nodes[0].node.port, seen.clone()));
-    // node-1 dials nobody; node-2 reaches node-1 only through the proxy.
-    let node1_peer = drift_node::mesh::peer_id(&c.nodes[0].node.id);
-    set_bootstrap(&c.nodes[0].node.config, &[]);
-    set_bootstrap(
-        &c.nodes[1].node.config,
-        &[format!("/ip4/127.0.0.1/tcp/{proxy}/p2p/{node1_peer}")],
-    );
-    for n in &mut c.nodes {
-        n.start();
-    }
-    c.wait_converged(Duration::from_secs(60)).unwrap();
+    let (c, seen) = tapped_pair(&rt);
     create(&c, 0, &g, "secret", &append, &[]);
     let before = seen.lock().unwrap().len();
     let out = drift_ok(&[
