@@ -117,7 +117,7 @@ pub async fn qemu(p: QemuBenchParams) -> anyhow::Result<QemuFigures> {
     if p.runs == 0 || p.runs > 20 {
         bail!("--runs must be 1 to 20");
     }
-    let tmp = TempDir::new("bench-qemu")?;
+    let tmp = TempDir::new("q")?;
     let pair = start_pair(
         two_node_configs(tmp.path(), Duration::from_millis(500))?,
         Duration::from_secs(30),

@@ -493,8 +493,17 @@ impl Vms {
             // VMM that did not answer.
             let _ = self.ask(&spec, Request::Destroy).await;
         }
-        std::fs::remove_dir_all(&dir)
-            .map_err(|source| HypervisorError::Io { path: dir, source })?;
+        match std::fs::remove_dir_all(&dir) {
+            // Destroyed twice at once (say, by an operator and by a finished migration): gone
+            // is gone.
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(HypervisorError::Io {
+                    path: dir,
+                    source: e,
+                })
+            }
+            _ => {}
+        }
         self.known().remove(&spec.id);
         Ok(())
     }

@@ -259,7 +259,7 @@ pub fn command_line(spec: &VmSpec, q: &QemuSpec, dir: &Path, accel: Accel) -> Ve
 
 /// The longest migration socket name the tunnel uses in a VM's directory.
 fn tunnel_socket_example() -> &'static str {
-    "migrate-00000000.sock"
+    "mig-00000000.sock"
 }
 
 /// CPU time of a QEMU process at one instant.

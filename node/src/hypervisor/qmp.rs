@@ -407,7 +407,8 @@ async fn read_loop(mut read: BufReader<OwnedReadHalf>, shared: Arc<Shared>) {
                 break;
             }
             Err(e) => {
-                warn!(error = %e, "closing the QMP connection");
+                // QEMU quitting resets the socket: expected on destroy, and a crash shows as a lost VM.
+                debug!(error = %e, "closing the QMP connection");
                 break;
             }
         }

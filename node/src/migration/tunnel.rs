@@ -305,7 +305,7 @@ where
         }
     }
     configure(&qmp, &src.params, true).await?;
-    let sock = src.vm_dir.join(format!("migrate-{}.sock", src.id.short()));
+    let sock = src.vm_dir.join(format!("mig-{}.sock", src.id.short()));
     let _ = std::fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock)?;
     let channels = Channels::new();
