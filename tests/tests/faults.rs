@@ -117,17 +117,26 @@ fn run_case(name: &str, mode: &str, strike: Strike, expect: Option<Expect>) -> &
     let mut env: [&[(&str, &str)]; 2] = [&[], &[]];
     env[node] = &with;
     start_pair(&mut c, env);
+    // Post-copy: enough written (non-zero) memory that pages are surely still missing when
+    // the source dies after the first pushed batch (zero pages travel as markers, and a few
+    // MiB fit in the sockets' buffers).
+    let (memory, dirty, warm_up) = if mode == "postcopy" {
+        ("64", "64", Duration::from_millis(1500))
+    } else {
+        ("32", "8", Duration::ZERO)
+    };
     drift_ok(&[
         "vm",
         "create",
         VM,
         "--memory-mib",
-        "32",
+        memory,
         "--dirty-mib-per-s",
-        "8",
+        dirty,
         "--socket",
         &sock(&c, SOURCE),
     ]);
+    std::thread::sleep(warm_up);
     // A 1 ms downtime limit forces pre-copy rounds after the first.
     drift_ok(&[
         "migrate",
