@@ -45,6 +45,8 @@ use crate::state::{NodeState, RosterChange};
 const COMMAND_QUEUE: usize = 64;
 /// How often unconnected bootstrap addresses are dialed again.
 const REDIAL_EVERY: Duration = Duration::from_secs(3);
+/// Pause between two attempts to open a stream to a peer.
+const OPEN_RETRY: Duration = Duration::from_millis(250);
 /// How often the node announces its roster chain.
 const ANNOUNCE_EVERY: Duration = Duration::from_secs(20);
 
@@ -168,6 +170,37 @@ impl Client {
     /// Opens and accepts raw streams (Noise-encrypted, to authenticated members only).
     pub fn streams(&self) -> libp2p_stream::Control {
         self.streams.clone()
+    }
+
+    /// Opens a stream of `protocol` to `peer`, trying again until `within` has passed: a
+    /// member known from the table may not be connected right now (the mesh dials its
+    /// bootstrap peers again every few seconds), and a stream may land on a connection that is
+    /// closing. The error is the last attempt's.
+    pub async fn open_stream(
+        &self,
+        peer: &NodeId,
+        protocol: libp2p::StreamProtocol,
+        within: Duration,
+    ) -> Result<tokio_util::compat::Compat<libp2p::Stream>, String> {
+        use tokio_util::compat::FuturesAsyncReadCompatExt;
+        let deadline = tokio::time::Instant::now() + within;
+        let mut control = self.streams();
+        loop {
+            let attempt = tokio::time::timeout_at(
+                deadline,
+                control.open_stream(peer_id(peer), protocol.clone()),
+            )
+            .await;
+            let error = match attempt {
+                Ok(Ok(stream)) => return Ok(stream.compat()),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "timed out".to_string(),
+            };
+            if tokio::time::Instant::now() + OPEN_RETRY >= deadline {
+                return Err(error);
+            }
+            tokio::time::sleep(OPEN_RETRY).await;
+        }
     }
 
     /// Total bytes received and sent over all connections (transport level, after Noise).

@@ -64,7 +64,7 @@ use super::tunnel::{
 use crate::admission::{Admission, HostLoad, Limits};
 use crate::hypervisor::qemu::QemuSpec;
 use crate::hypervisor::{VmSpec, SOCKET_FILE};
-use crate::mesh::{peer_id, Client};
+use crate::mesh::Client;
 use crate::state::NodeState;
 
 /// The stream protocol of migrations.
@@ -1105,15 +1105,11 @@ impl Migrations {
             mode: offer.mode,
             offer: signed.hash(),
         });
-        let mut control = self.mesh.streams();
-        let stream = tokio::time::timeout(
-            Duration::from_secs(10),
-            control.open_stream(peer_id(&offer.target), PROTOCOL),
-        )
-        .await
-        .map_err(|_| MigrateError::Unreachable("timed out".into()))?
-        .map_err(|e| MigrateError::Unreachable(e.to_string()))?;
-        let mut stream = stream.compat();
+        let mut stream = self
+            .mesh
+            .open_stream(&offer.target, PROTOCOL, Duration::from_secs(15))
+            .await
+            .map_err(MigrateError::Unreachable)?;
         write_typed(&mut stream, &signed)
             .await
             .map_err(|e| MigrateError::Unreachable(e.to_string()))?;
@@ -1241,15 +1237,10 @@ impl Migrations {
             asked_at: crate::clock::now(),
         };
         let signed = Signed::sign(&query, &self.key);
-        let mut control = self.mesh.streams();
-        let stream = tokio::time::timeout(
-            Duration::from_secs(5),
-            control.open_stream(peer_id(&record.peer), RESOLVE_PROTOCOL),
-        )
-        .await
-        .map_err(|_| "no stream in time".to_string())?
-        .map_err(|e| e.to_string())?;
-        let mut stream = stream.compat();
+        let mut stream = self
+            .mesh
+            .open_stream(&record.peer, RESOLVE_PROTOCOL, Duration::from_secs(5))
+            .await?;
         write_typed(&mut stream, &signed)
             .await
             .map_err(|e| e.to_string())?;

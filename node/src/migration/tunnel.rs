@@ -39,7 +39,6 @@ use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
-use tokio_util::compat::FuturesAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -47,7 +46,7 @@ use super::engine::{EngineError, Hooks, Point, Progress, SourceOutcome, TargetOu
 use super::frames::{read_typed, write_typed};
 use crate::hypervisor::qemu::{resume_here, QMP_TIMEOUT};
 use crate::hypervisor::qmp::{MigrationInfo, Qmp, QmpError};
-use crate::mesh::{peer_id, Client};
+use crate::mesh::Client;
 
 /// The stream protocol of tunnel channels.
 pub const CHANNEL_PROTOCOL: StreamProtocol = StreamProtocol::new("/drift/tunnel/1");
@@ -61,8 +60,6 @@ const MAX_BEFORE_SWITCHOVER: Duration = Duration::from_secs(600);
 const TARGET_IDLE: Duration = Duration::from_secs(600);
 /// How long to wait for the last bytes of every channel after QEMU completed.
 const DRAIN: Duration = Duration::from_secs(30);
-/// Tries to open one channel stream.
-const OPEN_TRIES: u32 = 4;
 /// Copy buffer of one direction of one channel.
 const PUMP_BUF: usize = 256 * 1024;
 /// `max-bandwidth` when no cap is set: QEMU's own default (128 MiB/s) would cap every
@@ -583,32 +580,6 @@ async fn accept_source_channels(
     while tasks.join_next().await.is_some() {}
 }
 
-/// Opens a channel stream to `target`. A few tries: with two connections to one peer, the
-/// stream may land on one that is closing.
-async fn open_channel(
-    mesh: &Client,
-    target: NodeId,
-) -> std::io::Result<tokio_util::compat::Compat<libp2p::Stream>> {
-    let mut control = mesh.streams();
-    let mut last = String::new();
-    for attempt in 0..OPEN_TRIES {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
-        }
-        match tokio::time::timeout(
-            Duration::from_secs(10),
-            control.open_stream(peer_id(&target), CHANNEL_PROTOCOL),
-        )
-        .await
-        {
-            Ok(Ok(stream)) => return Ok(stream.compat()),
-            Ok(Err(e)) => last = e.to_string(),
-            Err(_) => last = "timed out".into(),
-        }
-    }
-    Err(std::io::Error::other(format!("opening a channel: {last}")))
-}
-
 async fn source_channel(
     conn: UnixStream,
     mesh: &Client,
@@ -617,7 +588,10 @@ async fn source_channel(
     channel: u32,
     channels: &Channels,
 ) -> std::io::Result<()> {
-    let mut stream = open_channel(mesh, target).await?;
+    let mut stream = mesh
+        .open_stream(&target, CHANNEL_PROTOCOL, Duration::from_secs(10))
+        .await
+        .map_err(|e| std::io::Error::other(format!("opening a channel: {e}")))?;
     write_typed(&mut stream, &ChannelOpen { id, channel }).await?;
     let (from_qemu, to_qemu) = conn.into_split();
     let (from_peer, to_peer) = tokio::io::split(stream);
