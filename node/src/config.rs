@@ -48,6 +48,20 @@ pub struct Config {
     /// that has since moved to another host is not created again here.
     #[serde(default)]
     pub vm: Vec<crate::control::CreateVm>,
+    #[serde(default)]
+    pub qemu: QemuSection,
+}
+
+/// QEMU VMs arriving by migration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QemuSection {
+    /// Directories an incoming QEMU VM's kernel, initrd and disk must lie in. An offer names
+    /// the files the target's QEMU opens, so a source may point only at images this node
+    /// shares out; extra QEMU arguments are never taken from an offer. Empty (the default):
+    /// no QEMU VM is accepted by migration.
+    #[serde(default)]
+    pub image_dirs: Vec<PathBuf>,
 }
 
 /// Identity, membership and network.
@@ -481,6 +495,9 @@ impl Config {
         }
         if let Some(t) = &mut self.load.trace {
             fix(t);
+        }
+        for d in &mut self.qemu.image_dirs {
+            fix(d);
         }
         for vm in &mut self.vm {
             if let Some(q) = &mut vm.qemu {

@@ -210,6 +210,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         state.clone(),
         client.clone(),
         key.clone(),
+        config.qemu.image_dirs.clone(),
         cancel.clone(),
     ) {
         Ok(m) => m,

@@ -62,6 +62,15 @@ pub fn set_bootstrap(config: &std::path::Path, entries: &[String]) {
         .expect("write config");
 }
 
+/// Appends TOML to a generated node config (new sections go after the generated ones).
+pub fn append_config(config: &std::path::Path, extra: &str) {
+    if extra.is_empty() {
+        return;
+    }
+    let text = std::fs::read_to_string(config).expect("read config");
+    std::fs::write(config, format!("{text}\n{extra}\n")).expect("write config");
+}
+
 /// Polls `cond` until it returns `Some` or `timeout` passes.
 pub fn wait_until<T>(
     timeout: Duration,
@@ -130,9 +139,15 @@ pub async fn recording_proxy(to: u16, seen: Arc<Mutex<Vec<u8>>>) -> u16 {
 
 /// Two started, converged nodes whose only connection runs through a [`recording_proxy`]
 /// (node-1 dials nobody; node-2 reaches node-1 through the proxy), and the recording. The
-/// proxy lives on `rt`.
-pub fn tapped_pair(rt: &tokio::runtime::Runtime) -> (Cluster, Arc<Mutex<Vec<u8>>>) {
+/// proxy lives on `rt`; `extra_config` is appended to both nodes' configs.
+pub fn tapped_pair(
+    rt: &tokio::runtime::Runtime,
+    extra_config: &str,
+) -> (Cluster, Arc<Mutex<Vec<u8>>>) {
     let mut c = Cluster::generate(2, Duration::from_millis(300));
+    for n in &c.nodes {
+        append_config(&n.node.config, extra_config);
+    }
     let seen = Arc::new(Mutex::new(Vec::new()));
     let proxy = rt.block_on(recording_proxy(c.nodes[0].node.port, seen.clone()));
     let node1_peer = drift_node::mesh::peer_id(&c.nodes[0].node.id);

@@ -10,7 +10,7 @@ use drift_tests::{drift_ok, tapped_pair};
 #[test]
 fn no_guest_memory_crosses_the_wire_in_clear() {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (c, seen) = tapped_pair(&rt);
+    let (c, seen) = tapped_pair(&rt, "");
     let sock = |i: usize| c.nodes[i].node.socket.to_str().unwrap().to_string();
     drift_ok(&[
         "vm",

@@ -11,7 +11,8 @@
 //!   same search finds it in QEMU's own plain migration stream of the same guest;
 //! - killing the target node during the migration, or the source node (whose process holds
 //!   the tunnel), leaves the guest running on the source, and the restarted target holds no
-//!   copy.
+//!   copy; a guest whose images lie outside the target's `qemu.image_dirs` is refused and
+//!   stays home.
 //!
 //! Without QEMU these tests print why and pass; under `CI=true` (where `.ci/run` installs QEMU
 //! and builds the guest) a missing QEMU or guest is a failure. They run one at a time: a TCG
@@ -27,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use drift_node::hypervisor::qemu::parse_heartbeats;
 use drift_node::hypervisor::qmp::Qmp;
-use drift_tests::{drift, drift_ok, tapped_pair, wait_until, Cluster};
+use drift_tests::{append_config, drift, drift_ok, tapped_pair, wait_until, Cluster};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -158,8 +159,20 @@ fn assert_consecutive(beats: &[u64], what: &str) {
     }
 }
 
-fn two_nodes() -> Cluster {
-    let c = Cluster::start(2, Duration::from_millis(300));
+/// Both nodes take QEMU VMs whose images lie in the guest's directory.
+fn image_dirs(g: &Guest) -> String {
+    format!(
+        "[qemu]\nimage_dirs = [{:?}]",
+        g.kernel.parent().unwrap().display().to_string()
+    )
+}
+
+fn two_nodes(g: &Guest) -> Cluster {
+    let mut c = Cluster::generate(2, Duration::from_millis(300));
+    for n in &mut c.nodes {
+        append_config(&n.node.config, &image_dirs(g));
+        n.start();
+    }
     c.wait_converged(Duration::from_secs(60)).unwrap();
     c
 }
@@ -172,7 +185,7 @@ fn a_guest_moves_in_every_mode_and_its_heartbeat_goes_on_with_no_gap() {
     let Some(g) = guest("a_guest_moves_in_every_mode_and_its_heartbeat_goes_on_with_no_gap") else {
         return;
     };
-    let c = two_nodes();
+    let c = two_nodes(&g);
     for (name, mode, extra) in [
         ("pre", "precopy", &[][..]),
         ("post", "postcopy", &[][..]),
@@ -307,7 +320,7 @@ fn no_guest_memory_crosses_the_wire_in_clear() {
     let marker = "DRIFT-QEMU-MARKER-7f3a91c2";
     let append = format!("{APPEND} drift.marker={marker}");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (c, seen) = tapped_pair(&rt);
+    let (c, seen) = tapped_pair(&rt, &image_dirs(&g));
     create(&c, 0, &g, "secret", &append, &[]);
     let before = seen.lock().unwrap().len();
     let out = drift_ok(&[
@@ -405,7 +418,33 @@ fn killing_the_target_or_the_source_tunnel_mid_migration_leaves_the_guest_at_hom
     else {
         return;
     };
-    let mut c = two_nodes();
+    let mut c = two_nodes(&g);
+
+    // A VM whose images lie outside the target's qemu.image_dirs is refused there (the offer
+    // names files the target's QEMU would open) and stays home.
+    let elsewhere = c.path().join("private-images");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let private = Guest {
+        kernel: elsewhere.join("vmlinuz"),
+        initrd: elsewhere.join("initrd.img"),
+    };
+    std::fs::copy(&g.kernel, &private.kernel).unwrap();
+    std::fs::copy(&g.initrd, &private.initrd).unwrap();
+    create(&c, 0, &private, "private", APPEND, &[]);
+    let out = drift(&[
+        "migrate",
+        "private",
+        "--to",
+        "node-2",
+        "--socket",
+        &sock(&c, 0),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("refused"), "{err}");
+    assert_eq!(vm(&c, 0, "private").unwrap()["state"], "running");
+    assert!(vm(&c, 1, "private").is_none());
+    drift_ok(&["vm", "destroy", "private", "--socket", &sock(&c, 0)]);
+
     create(&c, 0, &g, "home", APPEND, &[]);
 
     // The target dies mid-stream: QEMU's migration fails and the guest runs on.

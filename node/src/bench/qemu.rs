@@ -118,11 +118,11 @@ pub async fn qemu(p: QemuBenchParams) -> anyhow::Result<QemuFigures> {
         bail!("--runs must be 1 to 20");
     }
     let tmp = TempDir::new("q")?;
-    let pair = start_pair(
-        two_node_configs(tmp.path(), Duration::from_millis(500))?,
-        Duration::from_secs(30),
-    )
-    .await?;
+    let mut configs = two_node_configs(tmp.path(), Duration::from_millis(500))?;
+    for c in &mut configs {
+        c.qemu.image_dirs = vec![p.guest_dir.clone()];
+    }
+    let pair = start_pair(configs, Duration::from_secs(30)).await?;
     let accel = pair.a.state.vms.qemu().accel();
     let mut direct = Vec::new();
     let mut tunnelled = Vec::new();

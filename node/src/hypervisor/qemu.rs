@@ -134,6 +134,34 @@ impl QemuSpec {
     }
 }
 
+impl QemuSpec {
+    /// Whether a target may start this spec from an offer: no extra arguments, and every file
+    /// inside one of `dirs` (after resolving links and `..`). The error says what is wrong.
+    pub fn check_incoming(&self, dirs: &[PathBuf]) -> Result<(), String> {
+        if dirs.is_empty() {
+            return Err(
+                "this node takes no QEMU VM by migration (qemu.image_dirs is empty)".into(),
+            );
+        }
+        if !self.extra_args.is_empty() {
+            return Err("an offer may not carry extra QEMU arguments".into());
+        }
+        let allowed: Vec<PathBuf> = dirs.iter().filter_map(|d| d.canonicalize().ok()).collect();
+        for p in std::iter::once(&self.kernel)
+            .chain(&self.initrd)
+            .chain(&self.disk)
+        {
+            let real = p
+                .canonicalize()
+                .map_err(|e| format!("{}: {e}", p.display()))?;
+            if !allowed.iter().any(|d| real.starts_with(d)) {
+                return Err(format!("{} is not inside qemu.image_dirs", p.display()));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// How QEMU runs guests on this host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -433,6 +461,10 @@ impl QemuVms {
         }
         self.forget(dir).await;
         if let Some(pid) = pid {
+            self.cpu
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&pid);
             for _ in 0..100 {
                 if !Path::new(&format!("/proc/{pid}")).exists() {
                     return;
@@ -599,6 +631,45 @@ mod tests {
         q.multifd_channels = 99;
         let e = q.validate().unwrap_err().to_string();
         assert!(e.contains("multifd_channels"), "{e}");
+    }
+
+    #[test]
+    fn incoming_specs_must_name_shared_images_and_carry_no_arguments() {
+        let shared = tempfile::tempdir().unwrap();
+        let private = tempfile::tempdir().unwrap();
+        for f in ["vmlinuz", "initrd.img"] {
+            std::fs::write(shared.path().join(f), b"image").unwrap();
+        }
+        std::fs::write(private.path().join("node.key"), b"secret").unwrap();
+        let dirs = vec![shared.path().to_owned()];
+        let q = QemuSpec {
+            kernel: shared.path().join("vmlinuz"),
+            initrd: Some(shared.path().join("initrd.img")),
+            append: String::new(),
+            disk: None,
+            extra_args: Vec::new(),
+            multifd_channels: 0,
+        };
+        q.check_incoming(&dirs).unwrap();
+        let e = q.check_incoming(&[]).unwrap_err();
+        assert!(e.contains("qemu.image_dirs is empty"), "{e}");
+        // A disk outside the shared directories, also through `..`.
+        let mut bad = q.clone();
+        bad.disk = Some(
+            shared
+                .path()
+                .join("..")
+                .join(private.path().join("node.key")),
+        );
+        let e = bad.check_incoming(&dirs).unwrap_err();
+        assert!(e.contains("not inside qemu.image_dirs"), "{e}");
+        let mut bad = q.clone();
+        bad.extra_args = vec!["-chardev".into(), "file,path=/etc/x".into()];
+        let e = bad.check_incoming(&dirs).unwrap_err();
+        assert!(e.contains("extra QEMU arguments"), "{e}");
+        let mut bad = q;
+        bad.kernel = shared.path().join("missing");
+        assert!(bad.check_incoming(&dirs).is_err());
     }
 
     #[test]

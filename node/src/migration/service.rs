@@ -154,6 +154,8 @@ pub struct Migrations {
     resolving: Mutex<BTreeSet<MigrationId>>,
     /// Tunnelled QEMU migrations arriving here, for their channel streams.
     tunnels: Arc<IncomingTunnels>,
+    /// Where an incoming QEMU VM's images must lie (`qemu.image_dirs`).
+    qemu_image_dirs: Vec<std::path::PathBuf>,
     /// Ends background work (resolvers) with the node.
     shutdown: CancellationToken,
 }
@@ -175,6 +177,7 @@ impl Migrations {
         state: Arc<NodeState>,
         mesh: Client,
         key: SecretKey,
+        qemu_image_dirs: Vec<std::path::PathBuf>,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, ServiceError> {
         let dir = state.state_dir.join("migrations");
@@ -202,6 +205,7 @@ impl Migrations {
             receiving: Mutex::new(BTreeSet::new()),
             resolving: Mutex::new(BTreeSet::new()),
             tunnels: Arc::new(IncomingTunnels::default()),
+            qemu_image_dirs,
             shutdown,
         }))
     }
@@ -578,6 +582,26 @@ impl Migrations {
     ) where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        // A QEMU VM's spec names files this node's QEMU will open: only shared images.
+        if let Some(q) = &offer.vm.qemu {
+            if let Err(e) = QemuSpec::from_wire(q).check_incoming(&self.qemu_image_dirs) {
+                self.state.audit(AuditEvent::Refused {
+                    id: Some(offer.id),
+                    peer: Some(from),
+                    reason: format!("offer refused: bad_offer (QEMU VM: {e})"),
+                });
+                warn!(from = %from.short(), error = %e, "refused a QEMU VM");
+                let _ = self
+                    .decide(
+                        &mut stream,
+                        &signed,
+                        &offer,
+                        Verdict::Reject(RejectReason::BadOffer),
+                    )
+                    .await;
+                return;
+            }
+        }
         let now = crate::clock::now();
         // Durable before anything exists here: an incoming VM is always accounted for.
         let record = Record {
