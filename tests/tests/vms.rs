@@ -224,3 +224,63 @@ fn a_configured_vm_starts_once_and_does_not_come_back_after_it_moved() {
     assert!(has(1));
     drift_ok(&["vm", "destroy", "cfg-1", "--socket", &sock(1)]);
 }
+
+#[test]
+fn a_vm_that_went_away_and_came_back_survives_a_restart_of_its_node() {
+    let mut c = Cluster::start(2, Duration::from_millis(250));
+    c.wait_converged(Duration::from_secs(60)).unwrap();
+    let socks: Vec<String> = c
+        .nodes
+        .iter()
+        .map(|n| n.node.socket.to_str().unwrap().to_string())
+        .collect();
+    let has = |i: usize| {
+        let out = drift(&["vms", "--json", "--socket", &socks[i]]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["vms"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|m| m["name"] == "boomerang"))
+    };
+    drift_ok(&[
+        "vm",
+        "create",
+        "boomerang",
+        "--memory-mib",
+        "16",
+        "--socket",
+        &socks[0],
+    ]);
+    for (from, to) in [(0, 1), (1, 0)] {
+        let out = drift_ok(&[
+            "migrate",
+            "boomerang",
+            "--to",
+            &format!("node-{}", to + 1),
+            "--watch",
+            "--socket",
+            &socks[from],
+        ]);
+        assert!(out.contains("committed"), "{out}");
+        let moved = wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+            (has(to) && !has(from)).then_some(())
+        });
+        assert!(
+            moved.is_some(),
+            "boomerang did not end on node-{} only",
+            to + 1
+        );
+    }
+    // node-1 holds the record of the VM leaving (committed) and of it coming back: the newer
+    // one decides, so the restart must not destroy the VM as a stale copy.
+    assert!(c.nodes[0].terminate(Duration::from_secs(20)));
+    c.nodes[0].start();
+    c.wait_converged(Duration::from_secs(60)).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        has(0),
+        "the restarted node destroyed the VM that had come back"
+    );
+    let ok = drift_ok(&["vm", "verify", "boomerang", "--socket", &socks[0]]);
+    assert!(ok.starts_with("ok:"), "{ok}");
+    drift_ok(&["vm", "destroy", "boomerang", "--socket", &socks[0]]);
+}

@@ -245,6 +245,16 @@ impl Migrations {
     /// a resolver that asks the target in the background.
     pub async fn recover(self: &Arc<Self>) {
         let records = self.records.all();
+        // A VM may have moved away and come back: only its newest migration speaks for the VM
+        // here. An older record still settles, but never touches the VM.
+        let mut newest: BTreeMap<VmId, (drift_protocol::Timestamp, MigrationId)> = BTreeMap::new();
+        for r in &records {
+            let e = newest.entry(r.vm).or_insert((r.started_at, r.id));
+            if (r.started_at, r.id) > *e {
+                *e = (r.started_at, r.id);
+            }
+        }
+        let acts_on_vm = |r: &Record| newest.get(&r.vm).is_some_and(|(_, id)| *id == r.id);
         for r in records.iter().filter(|r| r.role == Role::Target) {
             match &r.phase {
                 Phase::Receiving => {
@@ -256,7 +266,9 @@ impl Migrations {
                         side: Side::Target,
                         reason: "node restarted during transfer".into(),
                     });
-                    self.destroy(&r.vm).await;
+                    if acts_on_vm(r) {
+                        self.destroy(&r.vm).await;
+                    }
                     info!(migration = %r.id.short(), vm = %r.vm_name, "discarded an unfinished incoming VM");
                 }
                 Phase::RunningPostCopy => {
@@ -316,7 +328,7 @@ impl Migrations {
                         side: Side::Source,
                         reason: "node restarted before switchover".into(),
                     });
-                    if self.has_vm(&r.vm) {
+                    if acts_on_vm(r) && self.has_vm(&r.vm) {
                         let _ = self.resume(&r.vm).await;
                     }
                 }
@@ -324,7 +336,8 @@ impl Migrations {
                     warn!(migration = %r.id.short(), vm = %r.vm_name, "outcome unknown after restart: VM stays paused until the target answers");
                     self.spawn_resolver(r.id);
                 }
-                Phase::Committed { .. } => self.destroy(&r.vm).await,
+                // The VM left: a copy still here is stale, unless the VM came back since.
+                Phase::Committed { .. } if acts_on_vm(r) => self.destroy(&r.vm).await,
                 _ => {}
             }
         }
