@@ -226,16 +226,18 @@ fn a_guest_moves_in_every_mode_and_its_heartbeat_goes_on_with_no_gap() {
         // the source's last.
         let before = parse_heartbeats(&read_all(source_serial));
         let target_serial = open_serial(&c, 1, name);
-        let after = parse_heartbeats(&read_all(target_serial));
+        let target_text = read_all(target_serial);
+        let after = parse_heartbeats(&target_text);
         assert_consecutive(&before, &format!("{name} on the source"));
         assert_consecutive(&after, &format!("{name} on the target"));
         assert_eq!(
             after[0],
             before[before.len() - 1] + 1,
             "{name}: the heartbeat did not continue where it stopped \
-             (source ended at {}, target began at {})",
+             (source ended at {}, target began at {}); the target's console began:\n{}",
             before[before.len() - 1],
-            after[0]
+            after[0],
+            target_text.chars().take(1500).collect::<String>()
         );
         drift_ok(&["vm", "destroy", name, "--socket", &sock(&c, 1)]);
     }
