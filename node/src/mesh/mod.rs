@@ -45,11 +45,6 @@ use crate::state::{NodeState, RosterChange};
 const COMMAND_QUEUE: usize = 64;
 /// How often unconnected bootstrap addresses are dialed again.
 const REDIAL_EVERY: Duration = Duration::from_secs(3);
-/// How long a connection with nothing on it stays open. Connections go only to roster
-/// members (bounded by `node.max_connections` and two per peer), so they are kept: a
-/// connection closing as idle just as a migration opens a stream on it breaks that stream
-/// (seen with the second connection two peers hold when both dialed).
-const IDLE_CONNECTION: Duration = Duration::from_secs(3600);
 /// Pause between two attempts to open a stream to a peer.
 const OPEN_RETRY: Duration = Duration::from_millis(250);
 /// How often the node announces its roster chain.
@@ -271,7 +266,7 @@ pub fn spawn(
                 .map_err(Box::<dyn std::error::Error + Send + Sync>::from)
         })
         .map_err(|e| MeshError::Transport(e.to_string()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION))
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
         .build();
 
     let report_topic = IdentTopic::new(REPORT_TOPIC);
