@@ -8,7 +8,11 @@
 //!   (`/drift/migrate/1`), carries [`TunnelControl`] frames after the decision;
 //! - one **channel** stream (`/drift/tunnel/1`) per connection QEMU opens (the main channel,
 //!   then one per multifd channel), each starting with a [`ChannelOpen`] naming the migration
-//!   and the channel's index, then QEMU's bytes both ways.
+//!   and the channel's index, answered by the target's [`ChannelAnswer`], then QEMU's bytes
+//!   both ways. The source opens channels one at a time, each after the previous one was
+//!   answered: a peer takes a new inbound stream only when it is ready for it, so a stream
+//!   that arrives too early is dropped unanswered, and the source opens it again (no byte of
+//!   QEMU's has crossed it yet).
 //!
 //! ```mermaid
 //! sequenceDiagram
@@ -20,7 +24,8 @@
 //!     T->>S: Ready
 //!     S->>SQ: capabilities, migrate unix:
 //!     SQ->>S: connection i (main, multifd...)
-//!     S->>T: /drift/tunnel/1: ChannelOpen{id, i}, then bytes both ways
+//!     S->>T: /drift/tunnel/1: ChannelOpen{id, i}
+//!     T->>S: ChannelAnswer::Accepted; then bytes both ways
 //!     T->>TQ: connection i, in index order
 //!     Note over SQ: pre-switchover: VM paused
 //!     Note over S: record: switching; migrate-continue
@@ -53,6 +58,19 @@ pub struct ChannelOpen {
     pub id: MigrationId,
     /// 0 for the first connection QEMU opened (its main channel), then 1, 2, ...
     pub channel: u32,
+}
+
+/// The target's answer to a [`ChannelOpen`], before any of QEMU's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChannelAnswer {
+    /// Never valid (a zeroed frame).
+    Invalid,
+    /// The channel is connected (or will be, in index order) to the target's QEMU.
+    Accepted,
+    /// No accepted tunnelled migration with that id from this peer.
+    UnknownMigration,
+    /// The index is beyond the channels the offer agreed on.
+    BeyondAgreed,
 }
 
 /// Frames on the control stream of a tunnelled migration, after the decision.

@@ -206,7 +206,10 @@ pub mod cluster {
                 .arg("run")
                 .arg("--config")
                 .arg(&self.node.config)
-                .env("DRIFT_LOG", "info,libp2p=warn")
+                .env(
+                    "DRIFT_LOG",
+                    std::env::var("DRIFT_TEST_LOG").unwrap_or_else(|_| "info,libp2p=warn".into()),
+                )
                 .envs(env.iter().copied())
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().expect("clone log"))

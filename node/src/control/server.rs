@@ -322,7 +322,9 @@ async fn start_migration(State(app): State<App>, body: Bytes) -> Response {
                     StatusCode::NOT_FOUND
                 }
                 MigrateError::Refused(_) | MigrateError::Busy(_) => StatusCode::CONFLICT,
-                MigrateError::ToSelf => StatusCode::UNPROCESSABLE_ENTITY,
+                MigrateError::ToSelf | MigrateError::Unsupported(_) => {
+                    StatusCode::UNPROCESSABLE_ENTITY
+                }
                 _ => StatusCode::BAD_GATEWAY,
             };
             error(status, e.to_string())

@@ -110,6 +110,8 @@ pub enum MigrateError {
     NoSuchNode(String),
     #[error("cannot migrate to this node itself")]
     ToSelf,
+    #[error("{0}")]
+    Unsupported(String),
     #[error("could not reach the target: {0}")]
     Unreachable(String),
     #[error("the target refused: {0}")]
@@ -597,7 +599,10 @@ impl Migrations {
     {
         // A QEMU VM's spec names files this node's QEMU will open: only shared images.
         if let Some(q) = &offer.vm.qemu {
-            if let Err(e) = QemuSpec::from_wire(q).check_incoming(&self.qemu_image_dirs) {
+            let checked = QemuSpec::from_wire(q)
+                .check_incoming(&self.qemu_image_dirs)
+                .and_then(|()| self.state.vms.qemu().check_multifd(q.multifd_channels));
+            if let Err(e) = checked {
                 self.state.audit(AuditEvent::Refused {
                     id: Some(offer.id),
                     peer: Some(from),
@@ -964,6 +969,13 @@ impl Migrations {
         };
         if target == self.state.me {
             return Err(MigrateError::ToSelf);
+        }
+        if let Some(q) = &spec.qemu {
+            self.state
+                .vms
+                .qemu()
+                .check_multifd(q.multifd_channels)
+                .map_err(MigrateError::Unsupported)?;
         }
         let now = crate::clock::now();
         let mut nonce = [0u8; 16];

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use drift_protocol::migration::Mode;
 use drift_protocol::transfer::{Abort, AbortReason, Commit, Complete};
 use drift_protocol::tunnel::{
-    transcript_root, ChannelDigest, ChannelOpen, TunnelControl, MAX_CHANNELS,
+    transcript_root, ChannelAnswer, ChannelDigest, ChannelOpen, TunnelControl, MAX_CHANNELS,
 };
 use drift_protocol::{Hash, MigrationId, NodeId, SecretKey, Signed};
 use libp2p::StreamProtocol;
@@ -545,7 +545,8 @@ where
     }
 }
 
-/// Accepts QEMU's connections on the source and tunnels each as the next channel.
+/// Accepts QEMU's connections on the source and tunnels each as the next channel. Channels
+/// open one at a time, in QEMU's order: each stream is opened and answered before the next.
 async fn accept_source_channels(
     listener: UnixListener,
     mesh: Client,
@@ -569,10 +570,17 @@ async fn accept_source_channels(
             t.opened - 1
         };
         channels.touch();
-        let mesh = mesh.clone();
+        // On failure `conn` is dropped: QEMU sees its connection end and fails the migration.
+        let stream = match open_channel(&mesh, target, id, channel).await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(migration = %id.short(), channel, error = %e, "cannot open a tunnel channel");
+                continue;
+            }
+        };
         let channels = channels.clone();
         tasks.spawn(async move {
-            if let Err(e) = source_channel(conn, &mesh, target, id, channel, &channels).await {
+            if let Err(e) = source_channel(conn, stream, channel, &channels).await {
                 warn!(migration = %id.short(), channel, error = %e, "tunnel channel failed");
             }
         });
@@ -580,19 +588,72 @@ async fn accept_source_channels(
     while tasks.join_next().await.is_some() {}
 }
 
-async fn source_channel(
-    conn: UnixStream,
+/// Attempts at opening one channel stream: a stream the target dropped unanswered (it arrived
+/// while the target's acceptor was busy) is opened again.
+const CHANNEL_OPEN_ATTEMPTS: u32 = 5;
+
+/// Opens channel `channel` of migration `id` to `target` and waits for its answer.
+async fn open_channel(
     mesh: &Client,
     target: NodeId,
     id: MigrationId,
     channel: u32,
+) -> std::io::Result<tokio_util::compat::Compat<libp2p::Stream>> {
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut last = None;
+    for attempt in 0..CHANNEL_OPEN_ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(50 << attempt.min(4))).await;
+        }
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let mut stream = match mesh.open_stream(&target, CHANNEL_PROTOCOL, left).await {
+            Ok(s) => s,
+            Err(e) => {
+                last = Some(std::io::Error::other(format!("opening a channel: {e}")));
+                continue;
+            }
+        };
+        let answered = async {
+            write_typed(&mut stream, &ChannelOpen { id, channel }).await?;
+            read_typed::<_, ChannelAnswer>(&mut stream, 64).await
+        };
+        match tokio::time::timeout(Duration::from_secs(5), answered).await {
+            Ok(Ok(ChannelAnswer::Accepted)) => return Ok(stream),
+            Ok(Ok(refused)) => {
+                return Err(std::io::Error::other(format!(
+                    "the target refused channel {channel}: {refused:?}"
+                )))
+            }
+            // Dropped unanswered: open it again.
+            Ok(Err(e)) => last = Some(e),
+            Err(_) => {
+                last = Some(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no answer to a channel",
+                ))
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "no time left to open a channel",
+        )
+    }))
+}
+
+async fn source_channel<S>(
+    conn: UnixStream,
+    stream: S,
+    channel: u32,
     channels: &Channels,
-) -> std::io::Result<()> {
-    let mut stream = mesh
-        .open_stream(&target, CHANNEL_PROTOCOL, Duration::from_secs(10))
-        .await
-        .map_err(|e| std::io::Error::other(format!("opening a channel: {e}")))?;
-    write_typed(&mut stream, &ChannelOpen { id, channel }).await?;
+) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
     let (from_qemu, to_qemu) = conn.into_split();
     let (from_peer, to_peer) = tokio::io::split(stream);
     let back = tokio::spawn(pump(from_peer, to_qemu));
@@ -662,11 +723,27 @@ impl IncomingTunnels {
             .lock()
             .get(&open.id)
             .filter(|t| t.source == from)
-            .cloned()
-            .ok_or_else(|| ChannelRefusal::Unknown(open.id.short()))?;
-        if open.channel >= tunnel.max || open.channel >= MAX_CHANNELS {
-            return Err(ChannelRefusal::TooMany(open.channel));
+            .cloned();
+        let refusal = match &tunnel {
+            None => Some((
+                ChannelAnswer::UnknownMigration,
+                ChannelRefusal::Unknown(open.id.short()),
+            )),
+            Some(t) if open.channel >= t.max || open.channel >= MAX_CHANNELS => Some((
+                ChannelAnswer::BeyondAgreed,
+                ChannelRefusal::TooMany(open.channel),
+            )),
+            Some(_) => None,
+        };
+        if let Some((answer, refusal)) = refusal {
+            let _ = write_typed(&mut stream, &answer).await;
+            let _ = stream.shutdown().await;
+            return Err(refusal);
         }
+        let Some(tunnel) = tunnel else {
+            return Err(ChannelRefusal::Unknown(open.id.short()));
+        };
+        write_typed(&mut stream, &ChannelAnswer::Accepted).await?;
         // In index order: QEMU takes the first connection as its main channel.
         let mut turn = tunnel.connected.subscribe();
         tokio::time::timeout(
