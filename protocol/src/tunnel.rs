@@ -71,6 +71,8 @@ pub enum ChannelAnswer {
     UnknownMigration,
     /// The index is beyond the channels the offer agreed on.
     BeyondAgreed,
+    /// A channel with that index was answered already.
+    AlreadyOpen,
 }
 
 /// Frames on the control stream of a tunnelled migration, after the decision.

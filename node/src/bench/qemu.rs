@@ -10,7 +10,12 @@
 //!   commit included);
 //! - downtime: QEMU's `downtime` for the baseline; for drift, QEMU's `downtime` plus the time
 //!   from QEMU's completion until the target resumed the guest and committed;
-//! - throughput: bytes QEMU sent over total time.
+//! - throughput: bytes QEMU sent over total time;
+//! - CPU: the whole machine's busy CPU time (`/proc/stat`) over the migration, per MiB moved,
+//!   and for drift the benchmark process's own (both nodes' tunnel ends). On a machine that
+//!   hosts both QEMUs and both nodes, every core is busy in the baseline already; the
+//!   tunnel's encryption, hashing and copies then take time from QEMU, and the CPU figures
+//!   say how much.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -45,6 +50,12 @@ pub struct QemuRun {
     pub downtime_ms: f64,
     pub bytes: u64,
     pub throughput_mib_per_s: f64,
+    /// Busy CPU time of the whole machine over the migration, per MiB QEMU sent.
+    pub machine_cpu_ms_per_mib: f64,
+    /// Mean busy cores over the migration.
+    pub busy_cores: f64,
+    /// CPU time of drift's nodes (this process) per MiB; 0 for the baseline.
+    pub drift_cpu_ms_per_mib: f64,
 }
 
 /// Medians of each kind and their ratios.
@@ -81,15 +92,84 @@ fn median(runs: &[QemuRun]) -> QemuRun {
         downtime_ms: pick(|r| r.downtime_ms),
         bytes: pick(|r| r.bytes as f64) as u64,
         throughput_mib_per_s: pick(|r| r.throughput_mib_per_s),
+        machine_cpu_ms_per_mib: pick(|r| r.machine_cpu_ms_per_mib),
+        busy_cores: pick(|r| r.busy_cores),
+        drift_cpu_ms_per_mib: pick(|r| r.drift_cpu_ms_per_mib),
     }
 }
 
-fn run_of(total_ms: f64, downtime_ms: f64, bytes: u64) -> QemuRun {
+/// CPU time used so far: the whole machine's busy time and this process's.
+#[derive(Debug, Clone, Copy)]
+struct CpuMark {
+    at: Instant,
+    machine_ms: f64,
+    process_ms: f64,
+}
+
+/// Clock ticks per second of `/proc` figures (`sysconf(_SC_CLK_TCK)`, 100 on Linux).
+const TICKS_PER_S: f64 = 100.0;
+
+impl CpuMark {
+    fn now() -> Self {
+        // `cpu  user nice system idle iowait irq softirq steal ...`: all but idle and iowait.
+        let machine_ticks = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| {
+                let line = s.lines().next()?.to_string();
+                let v: Vec<f64> = line
+                    .split_whitespace()
+                    .skip(1)
+                    .take(8)
+                    .filter_map(|x| x.parse().ok())
+                    .collect();
+                (v.len() == 8).then(|| v[0] + v[1] + v[2] + v[5] + v[6] + v[7])
+            })
+            .unwrap_or(0.0);
+        // Fields 14 and 15 of /proc/self/stat (after the parenthesised name): utime, stime.
+        let process_ticks = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|s| {
+                let rest = &s[s.rfind(')')? + 2..];
+                let v: Vec<f64> = rest
+                    .split_whitespace()
+                    .skip(11)
+                    .take(2)
+                    .filter_map(|x| x.parse().ok())
+                    .collect();
+                (v.len() == 2).then(|| v[0] + v[1])
+            })
+            .unwrap_or(0.0);
+        Self {
+            at: Instant::now(),
+            machine_ms: machine_ticks * 1e3 / TICKS_PER_S,
+            process_ms: process_ticks * 1e3 / TICKS_PER_S,
+        }
+    }
+}
+
+fn run_of(
+    total_ms: f64,
+    downtime_ms: f64,
+    bytes: u64,
+    cpu: (CpuMark, CpuMark),
+    drift: bool,
+) -> QemuRun {
+    let mib = (bytes as f64 / (1 << 20) as f64).max(1e-9);
+    let (before, after) = cpu;
+    let wall_ms = after.at.duration_since(before.at).as_secs_f64() * 1e3;
+    let machine_ms = after.machine_ms - before.machine_ms;
     QemuRun {
         total_ms,
         downtime_ms,
         bytes,
-        throughput_mib_per_s: bytes as f64 / (1 << 20) as f64 / (total_ms / 1e3).max(1e-3),
+        throughput_mib_per_s: mib / (total_ms / 1e3).max(1e-3),
+        machine_cpu_ms_per_mib: machine_ms / mib,
+        busy_cores: machine_ms / wall_ms.max(1e-3),
+        drift_cpu_ms_per_mib: if drift {
+            (after.process_ms - before.process_ms) / mib
+        } else {
+            0.0
+        },
     }
 }
 
@@ -257,6 +337,7 @@ async fn direct_run(
     let uri = json!({ "uri": format!("unix:{}", sock.display()) });
     dq.execute("migrate-incoming", Some(uri.clone()), QMP_TIMEOUT)
         .await?;
+    let before = CpuMark::now();
     sq.execute("migrate", Some(uri), QMP_TIMEOUT).await?;
     let deadline = Instant::now() + p.timeout;
     let info = loop {
@@ -268,6 +349,7 @@ async fn direct_run(
             _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     };
+    let after = CpuMark::now();
     // The target was started paused (-S), as drift's are: resume it, as QEMU's own autostart
     // would have.
     dq.cont().await?;
@@ -275,7 +357,13 @@ async fn direct_run(
     let downtime = info.downtime_ms.unwrap_or(0) as f64;
     let _ = sq.quit().await;
     let _ = dq.quit().await;
-    Ok(run_of(total, downtime, info.ram_transferred))
+    Ok(run_of(
+        total,
+        downtime,
+        info.ram_transferred,
+        (before, after),
+        false,
+    ))
 }
 
 /// Through two drift nodes.
@@ -309,6 +397,7 @@ async fn tunnelled_run(p: &QemuBenchParams, pair: &Pair, i: u32) -> anyhow::Resu
             downtime_limit_ms: Some(DOWNTIME_LIMIT_MS),
             bandwidth_cap_bytes_per_s: None,
         };
+        let before = CpuMark::now();
         let started: serde_json::Value =
             client::post(&pair.a.socket, "/v1/migrations", serde_json::to_vec(&req)?).await?;
         let id = started["id"]
@@ -331,6 +420,7 @@ async fn tunnelled_run(p: &QemuBenchParams, pair: &Pair, i: u32) -> anyhow::Resu
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
+        let after = CpuMark::now();
         if last.state != "committed" {
             bail!("the migration ended {}: {}", last.state, last.detail);
         }
@@ -347,6 +437,8 @@ async fn tunnelled_run(p: &QemuBenchParams, pair: &Pair, i: u32) -> anyhow::Resu
             pr.total_ms.unwrap_or(0.0),
             pr.downtime_ms.unwrap_or(0.0),
             pr.bytes_sent,
+            (before, after),
+            true,
         ))
     }
     .await;

@@ -204,6 +204,16 @@ fn print_qemu(f: &crate::bench::qemu::QemuFigures) {
     };
     line("QEMU to QEMU, unix socket (baseline)", &f.direct_median);
     line("through drift (tunnelled, encrypted)", &f.tunnelled_median);
+    let (d, t) = (&f.direct_median, &f.tunnelled_median);
+    println!(
+        "  CPU per MiB moved: baseline {:.1} ms ({:.1} cores busy); through drift {:.1} ms \
+         ({:.1} cores busy), of which drift's two tunnel ends {:.1} ms",
+        d.machine_cpu_ms_per_mib,
+        d.busy_cores,
+        t.machine_cpu_ms_per_mib,
+        t.busy_cores,
+        t.drift_cpu_ms_per_mib
+    );
     println!(
         "  total {:.2}x direct (target <= 1.15x), downtime {:+.1} ms (target <= +20 ms), \
          throughput {:.2}x",

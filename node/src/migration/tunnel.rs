@@ -52,6 +52,9 @@ use crate::mesh::Client;
 pub const CHANNEL_PROTOCOL: StreamProtocol = StreamProtocol::new("/drift/tunnel/1");
 /// How often the engine asks QEMU how the migration goes.
 const POLL: Duration = Duration::from_millis(50);
+/// How often the target asks its QEMU whether it loaded everything, once the source completed
+/// (both guests are paused then, so every millisecond is downtime).
+const COMPLETION_POLL: Duration = Duration::from_millis(2);
 /// Control frames are small.
 const MAX_CONTROL_FRAME: usize = 64 * 1024;
 /// The longest a tunnelled migration may run before the switchover.
@@ -588,6 +591,9 @@ async fn accept_source_channels(
     while tasks.join_next().await.is_some() {}
 }
 
+// Channels are claimed as bits of a u64.
+const _: () = assert!(MAX_CHANNELS <= 64);
+
 /// Attempts at opening one channel stream: a stream the target dropped unanswered (it arrived
 /// while the target's acceptor was busy) is opened again.
 const CHANNEL_OPEN_ATTEMPTS: u32 = 5;
@@ -681,6 +687,8 @@ struct IncomingTunnel {
     channels: Arc<Channels>,
     /// Channels connected to QEMU so far: channel `i` connects once this reads `i`.
     connected: watch::Sender<u32>,
+    /// Channels answered so far (bit `i` for channel `i`): each is taken once.
+    claimed: Arc<Mutex<u64>>,
 }
 
 /// Why a channel stream was refused.
@@ -690,6 +698,8 @@ pub enum ChannelRefusal {
     Unknown(String),
     #[error("channel {0} is beyond the agreed channels")]
     TooMany(u32),
+    #[error("channel {0} was opened twice")]
+    Twice(u32),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -733,7 +743,19 @@ impl IncomingTunnels {
                 ChannelAnswer::BeyondAgreed,
                 ChannelRefusal::TooMany(open.channel),
             )),
-            Some(_) => None,
+            Some(t) => {
+                let mut claimed = t.claimed.lock().unwrap_or_else(|p| p.into_inner());
+                let bit = 1u64 << open.channel;
+                if *claimed & bit != 0 {
+                    Some((
+                        ChannelAnswer::AlreadyOpen,
+                        ChannelRefusal::Twice(open.channel),
+                    ))
+                } else {
+                    *claimed |= bit;
+                    None
+                }
+            }
         };
         if let Some((answer, refusal)) = refusal {
             let _ = write_typed(&mut stream, &answer).await;
@@ -825,6 +847,7 @@ where
             max: 1 + t.params.multifd_channels,
             channels: channels.clone(),
             connected: watch::channel(0).0,
+            claimed: Arc::new(Mutex::new(0)),
         },
     );
     let outcome = drive_target(&t, hooks, rd, &mut wr, &channels, &sock).await;
@@ -944,7 +967,8 @@ where
                     "QEMU did not complete the incoming migration".into(),
                 )
             }
-            _ => tokio::time::sleep(POLL).await,
+            // The guest is paused on both sides here: look often.
+            _ => tokio::time::sleep(COMPLETION_POLL).await,
         }
     }
     let Some(digests) = channels.drained(DRAIN).await else {
@@ -983,6 +1007,74 @@ where
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// Opens a channel on `tunnels` as `from` would, over an in-memory stream; the answer.
+    async fn open_on(
+        tunnels: &Arc<IncomingTunnels>,
+        from: NodeId,
+        id: MigrationId,
+        channel: u32,
+    ) -> (ChannelAnswer, tokio::io::DuplexStream) {
+        let (mut near, far) = tokio::io::duplex(64 * 1024);
+        let t = tunnels.clone();
+        tokio::spawn(async move {
+            let _ = t.serve(from, far).await;
+        });
+        write_typed(&mut near, &ChannelOpen { id, channel })
+            .await
+            .unwrap();
+        let answer = read_typed::<_, ChannelAnswer>(&mut near, 64).await.unwrap();
+        (answer, near)
+    }
+
+    #[tokio::test]
+    async fn channels_are_answered_once_each_and_only_for_their_migration_and_source() {
+        use rand_core::OsRng;
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("incoming.sock");
+        let qemu = UnixListener::bind(&sock).unwrap();
+        let source = SecretKey::generate(&mut OsRng).public();
+        let stranger = SecretKey::generate(&mut OsRng).public();
+        let id = MigrationId::random(&mut OsRng);
+        let tunnels = Arc::new(IncomingTunnels::default());
+        tunnels.register(
+            id,
+            IncomingTunnel {
+                source,
+                socket: sock.clone(),
+                max: 2,
+                channels: Channels::new(),
+                connected: watch::channel(0).0,
+                claimed: Arc::new(Mutex::new(0)),
+            },
+        );
+        let other = MigrationId::random(&mut OsRng);
+        assert_eq!(
+            open_on(&tunnels, source, other, 0).await.0,
+            ChannelAnswer::UnknownMigration
+        );
+        assert_eq!(
+            open_on(&tunnels, stranger, id, 0).await.0,
+            ChannelAnswer::UnknownMigration,
+            "another peer may not join the migration"
+        );
+        assert_eq!(
+            open_on(&tunnels, source, id, 2).await.0,
+            ChannelAnswer::BeyondAgreed
+        );
+        let (answer, mut main) = open_on(&tunnels, source, id, 0).await;
+        assert_eq!(answer, ChannelAnswer::Accepted);
+        assert_eq!(
+            open_on(&tunnels, source, id, 0).await.0,
+            ChannelAnswer::AlreadyOpen
+        );
+        // The accepted channel reaches "QEMU", byte for byte.
+        let (mut conn, _) = qemu.accept().await.unwrap();
+        main.write_all(b"QEVM").await.unwrap();
+        let mut got = [0u8; 4];
+        conn.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"QEVM");
+    }
 
     #[tokio::test]
     async fn pumps_hash_exactly_what_they_forward() {
