@@ -106,43 +106,18 @@ struct CpuMark {
     process_ms: f64,
 }
 
-/// Clock ticks per second of `/proc` figures (`sysconf(_SC_CLK_TCK)`, 100 on Linux).
-const TICKS_PER_S: f64 = 100.0;
-
 impl CpuMark {
     fn now() -> Self {
-        // `cpu  user nice system idle iowait irq softirq steal ...`: all but idle and iowait.
         let machine_ticks = std::fs::read_to_string("/proc/stat")
             .ok()
-            .and_then(|s| {
-                let line = s.lines().next()?.to_string();
-                let v: Vec<f64> = line
-                    .split_whitespace()
-                    .skip(1)
-                    .take(8)
-                    .filter_map(|x| x.parse().ok())
-                    .collect();
-                (v.len() == 8).then(|| v[0] + v[1] + v[2] + v[5] + v[6] + v[7])
-            })
-            .unwrap_or(0.0);
-        // Fields 14 and 15 of /proc/self/stat (after the parenthesised name): utime, stime.
-        let process_ticks = std::fs::read_to_string("/proc/self/stat")
-            .ok()
-            .and_then(|s| {
-                let rest = &s[s.rfind(')')? + 2..];
-                let v: Vec<f64> = rest
-                    .split_whitespace()
-                    .skip(11)
-                    .take(2)
-                    .filter_map(|x| x.parse().ok())
-                    .collect();
-                (v.len() == 2).then(|| v[0] + v[1])
-            })
-            .unwrap_or(0.0);
+            .and_then(|t| crate::monitor::parse_proc_stat(&t))
+            .map_or(0, |(busy, _)| busy);
+        let process_ticks = qemu::process_ticks(std::process::id()).unwrap_or(0);
+        let ms = |ticks: u64| ticks as f64 * 1e3 / qemu::clock_ticks();
         Self {
             at: Instant::now(),
-            machine_ms: machine_ticks * 1e3 / TICKS_PER_S,
-            process_ms: process_ticks * 1e3 / TICKS_PER_S,
+            machine_ms: ms(machine_ticks),
+            process_ms: ms(process_ticks),
         }
     }
 }

@@ -343,7 +343,7 @@ struct CpuSample {
 pub struct QemuVms {
     accel: Accel,
     /// The QEMU binary's version, asked once, when first needed.
-    version: std::sync::OnceLock<Option<QemuVersion>>,
+    version: tokio::sync::OnceCell<Option<QemuVersion>>,
     qmp: tokio::sync::Mutex<BTreeMap<PathBuf, Arc<Qmp>>>,
     cpu: Mutex<BTreeMap<u32, (CpuSample, u32)>>,
 }
@@ -359,7 +359,7 @@ impl QemuVms {
     pub fn new(accel: Accel) -> Self {
         Self {
             accel,
-            version: std::sync::OnceLock::new(),
+            version: tokio::sync::OnceCell::new(),
             qmp: tokio::sync::Mutex::new(BTreeMap::new()),
             cpu: Mutex::new(BTreeMap::new()),
         }
@@ -371,23 +371,27 @@ impl QemuVms {
     }
 
     /// The version of the QEMU binary this node runs (`None`: it could not be run).
-    pub fn version(&self) -> Option<QemuVersion> {
-        *self.version.get_or_init(|| {
-            let out = std::process::Command::new(binary())
-                .arg("--version")
-                .output()
-                .ok()?;
-            QemuVersion::parse(&String::from_utf8_lossy(&out.stdout))
-        })
+    pub async fn version(&self) -> Option<QemuVersion> {
+        *self
+            .version
+            .get_or_init(|| async {
+                let out = tokio::process::Command::new(binary())
+                    .arg("--version")
+                    .output()
+                    .await
+                    .ok()?;
+                QemuVersion::parse(&String::from_utf8_lossy(&out.stdout))
+            })
+            .await
     }
 
     /// Whether this node's QEMU may migrate over `channels` multifd channels, and if not,
     /// why.
-    pub fn check_multifd(&self, channels: u32) -> Result<(), String> {
+    pub async fn check_multifd(&self, channels: u32) -> Result<(), String> {
         if channels == 0 {
             return Ok(());
         }
-        match self.version() {
+        match self.version().await {
             Some(v) if v >= MULTIFD_MIN_VERSION => Ok(()),
             Some(v) => Err(format!(
                 "multifd needs QEMU {MULTIFD_MIN_VERSION} or newer and this host runs {v}: \
@@ -589,13 +593,14 @@ pub fn run_state(status: &str, running: bool) -> RunState {
     }
 }
 
-fn clock_ticks() -> f64 {
+/// Clock ticks per second of `/proc` CPU figures.
+pub(crate) fn clock_ticks() -> f64 {
     // USER_HZ: 100 on every Linux architecture drift runs on.
     100.0
 }
 
 /// utime + stime of a process, in clock ticks.
-fn process_ticks(pid: u32) -> Option<u64> {
+pub(crate) fn process_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces and parentheses: fields start after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
@@ -640,8 +645,8 @@ mod tests {
     use drift_protocol::migration::Placement;
     use drift_protocol::VmId;
 
-    #[test]
-    fn versions_parse_from_the_banner_and_gate_multifd() {
+    #[tokio::test]
+    async fn versions_parse_from_the_banner_and_gate_multifd() {
         let old = QemuVersion::parse(
             "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)\nCopyright",
         )
@@ -658,8 +663,11 @@ mod tests {
         assert_eq!(QemuVersion::parse("version x.1"), None);
         let vms = QemuVms::new(Accel::Tcg);
         vms.version.set(Some(old)).unwrap();
-        assert!(vms.check_multifd(0).is_ok(), "one stream works on any QEMU");
-        let e = vms.check_multifd(4).unwrap_err();
+        assert!(
+            vms.check_multifd(0).await.is_ok(),
+            "one stream works on any QEMU"
+        );
+        let e = vms.check_multifd(4).await.unwrap_err();
         assert!(e.contains("7.2.22") && e.contains("10.0.0"), "{e}");
     }
 

@@ -599,9 +599,16 @@ impl Migrations {
     {
         // A QEMU VM's spec names files this node's QEMU will open: only shared images.
         if let Some(q) = &offer.vm.qemu {
-            let checked = QemuSpec::from_wire(q)
-                .check_incoming(&self.qemu_image_dirs)
-                .and_then(|()| self.state.vms.qemu().check_multifd(q.multifd_channels));
+            let checked = match QemuSpec::from_wire(q).check_incoming(&self.qemu_image_dirs) {
+                Ok(()) => {
+                    self.state
+                        .vms
+                        .qemu()
+                        .check_multifd(q.multifd_channels)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
             if let Err(e) = checked {
                 self.state.audit(AuditEvent::Refused {
                     id: Some(offer.id),
@@ -975,6 +982,7 @@ impl Migrations {
                 .vms
                 .qemu()
                 .check_multifd(q.multifd_channels)
+                .await
                 .map_err(MigrateError::Unsupported)?;
         }
         let now = crate::clock::now();

@@ -25,6 +25,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -688,7 +689,7 @@ struct IncomingTunnel {
     /// Channels connected to QEMU so far: channel `i` connects once this reads `i`.
     connected: watch::Sender<u32>,
     /// Channels answered so far (bit `i` for channel `i`): each is taken once.
-    claimed: Arc<Mutex<u64>>,
+    claimed: Arc<AtomicU64>,
 }
 
 /// Why a channel stream was refused.
@@ -704,6 +705,18 @@ pub enum ChannelRefusal {
     Io(#[from] std::io::Error),
 }
 
+impl ChannelRefusal {
+    /// What the opener is told.
+    fn answer(&self) -> ChannelAnswer {
+        match self {
+            ChannelRefusal::Unknown(_) => ChannelAnswer::UnknownMigration,
+            ChannelRefusal::TooMany(_) => ChannelAnswer::BeyondAgreed,
+            ChannelRefusal::Twice(_) => ChannelAnswer::AlreadyOpen,
+            ChannelRefusal::Io(_) => ChannelAnswer::Invalid,
+        }
+    }
+}
+
 impl IncomingTunnels {
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<MigrationId, IncomingTunnel>> {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
@@ -715,6 +728,24 @@ impl IncomingTunnels {
 
     fn remove(&self, id: &MigrationId) {
         self.lock().remove(id);
+    }
+
+    /// The tunnel a channel opened by `from` belongs to, its index claimed.
+    fn claim(&self, from: NodeId, open: &ChannelOpen) -> Result<IncomingTunnel, ChannelRefusal> {
+        let tunnel = self
+            .lock()
+            .get(&open.id)
+            .filter(|t| t.source == from)
+            .cloned()
+            .ok_or_else(|| ChannelRefusal::Unknown(open.id.short()))?;
+        if open.channel >= tunnel.max || open.channel >= MAX_CHANNELS {
+            return Err(ChannelRefusal::TooMany(open.channel));
+        }
+        let bit = 1u64 << open.channel;
+        if tunnel.claimed.fetch_or(bit, Ordering::AcqRel) & bit != 0 {
+            return Err(ChannelRefusal::Twice(open.channel));
+        }
+        Ok(tunnel)
     }
 
     /// Serves one channel stream from `from`: checks it belongs to an accepted migration from
@@ -729,41 +760,13 @@ impl IncomingTunnels {
         )
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no channel header"))??;
-        let tunnel = self
-            .lock()
-            .get(&open.id)
-            .filter(|t| t.source == from)
-            .cloned();
-        let refusal = match &tunnel {
-            None => Some((
-                ChannelAnswer::UnknownMigration,
-                ChannelRefusal::Unknown(open.id.short()),
-            )),
-            Some(t) if open.channel >= t.max || open.channel >= MAX_CHANNELS => Some((
-                ChannelAnswer::BeyondAgreed,
-                ChannelRefusal::TooMany(open.channel),
-            )),
-            Some(t) => {
-                let mut claimed = t.claimed.lock().unwrap_or_else(|p| p.into_inner());
-                let bit = 1u64 << open.channel;
-                if *claimed & bit != 0 {
-                    Some((
-                        ChannelAnswer::AlreadyOpen,
-                        ChannelRefusal::Twice(open.channel),
-                    ))
-                } else {
-                    *claimed |= bit;
-                    None
-                }
+        let tunnel = match self.claim(from, &open) {
+            Ok(t) => t,
+            Err(refusal) => {
+                let _ = write_typed(&mut stream, &refusal.answer()).await;
+                let _ = stream.shutdown().await;
+                return Err(refusal);
             }
-        };
-        if let Some((answer, refusal)) = refusal {
-            let _ = write_typed(&mut stream, &answer).await;
-            let _ = stream.shutdown().await;
-            return Err(refusal);
-        }
-        let Some(tunnel) = tunnel else {
-            return Err(ChannelRefusal::Unknown(open.id.short()));
         };
         write_typed(&mut stream, &ChannelAnswer::Accepted).await?;
         // In index order: QEMU takes the first connection as its main channel.
@@ -847,7 +850,7 @@ where
             max: 1 + t.params.multifd_channels,
             channels: channels.clone(),
             connected: watch::channel(0).0,
-            claimed: Arc::new(Mutex::new(0)),
+            claimed: Arc::new(AtomicU64::new(0)),
         },
     );
     let outcome = drive_target(&t, hooks, rd, &mut wr, &channels, &sock).await;
@@ -1045,7 +1048,7 @@ mod tests {
                 max: 2,
                 channels: Channels::new(),
                 connected: watch::channel(0).0,
-                claimed: Arc::new(Mutex::new(0)),
+                claimed: Arc::new(AtomicU64::new(0)),
             },
         );
         let other = MigrationId::random(&mut OsRng);
