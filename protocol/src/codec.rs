@@ -45,6 +45,35 @@ pub enum DecodeError {
     Malformed(postcard::Error),
 }
 
+impl DecodeError {
+    /// A stable, short label for counters and the audit log.
+    pub fn label(&self) -> &'static str {
+        match self {
+            DecodeError::TooLarge { .. } => "too_large",
+            DecodeError::Empty => "empty",
+            DecodeError::Version(_) => "bad_version",
+            DecodeError::Truncated { .. } => "truncated",
+            DecodeError::TrailingBytes(_) => "trailing_bytes",
+            DecodeError::NotCanonical => "not_canonical",
+            DecodeError::Malformed(_) => "undecodable",
+        }
+    }
+}
+
+/// Judges a frame's 4-byte length before its version byte arrives: an empty or oversized
+/// frame is refused from the length alone.
+pub fn check_length(len: [u8; 4], max: usize) -> Result<(), DecodeError> {
+    let len = u32::from_be_bytes(len) as usize;
+    let max = max.min(MAX_FRAME_LEN);
+    if len > max {
+        return Err(DecodeError::TooLarge { len, max });
+    }
+    if len == 0 {
+        return Err(DecodeError::Empty);
+    }
+    Ok(())
+}
+
 /// Encodes `value` as a bare postcard payload (no frame header).
 pub fn encode_payload<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     // postcard only fails for serde features drift's types do not use (unknown-length
@@ -121,16 +150,9 @@ pub fn encode_frame<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
 /// Parses a frame header and returns the payload length, checked against `max`. For readers
 /// that pull the header off a socket and then read exactly the payload.
 pub fn parse_header(header: [u8; HEADER_LEN], max: usize) -> Result<usize, DecodeError> {
-    let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
-    if len > max.min(MAX_FRAME_LEN) {
-        return Err(DecodeError::TooLarge {
-            len,
-            max: max.min(MAX_FRAME_LEN),
-        });
-    }
-    if len == 0 {
-        return Err(DecodeError::Empty);
-    }
+    let len_bytes = [header[0], header[1], header[2], header[3]];
+    check_length(len_bytes, max)?;
+    let len = u32::from_be_bytes(len_bytes) as usize;
     if header[4] != PROTOCOL_VERSION {
         return Err(DecodeError::Version(header[4]));
     }
@@ -171,16 +193,7 @@ impl FrameDecoder {
         let Some(header) = buf.get(..HEADER_LEN) else {
             // The length alone can already be judged.
             if let Some(len) = buf.get(..4) {
-                let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
-                if len == 0 {
-                    return Err(DecodeError::Empty);
-                }
-                if len > self.max_len {
-                    return Err(DecodeError::TooLarge {
-                        len,
-                        max: self.max_len,
-                    });
-                }
+                check_length([len[0], len[1], len[2], len[3]], self.max_len)?;
             }
             return Ok(None);
         };

@@ -15,6 +15,8 @@
 //! - [`report`]: [`LoadReport`] and its validation ([`report::validate`]).
 //! - [`roster`]: the admin-signed [`Roster`] of members, its validation and its epoch chain.
 //! - [`migration`]: [`MigrationOffer`] and [`MigrationDecision`], bound by the offer's hash.
+//! - [`dataplane`]: the data connections that carry a migration's bytes (TLS 1.3 with raw
+//!   node keys), the binding that ties each to one accepted offer, and their frames.
 //! - [`transfer`]: the frames of a live-migration stream, the blake3 memory root, and the two
 //!   state machines that run a transfer: [`transfer::receiver`] (the target, over untrusted
 //!   frames) and [`transfer::sender`] (the source, and when it may resume the VM itself).
@@ -39,6 +41,7 @@
 pub mod audit;
 mod bounded;
 pub mod codec;
+pub mod dataplane;
 pub mod ids;
 pub mod keys;
 pub mod migration;

@@ -16,6 +16,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::dataplane::{DataEndpoint, MAX_DATA_CONNECTIONS};
 use crate::ids::{Hash, MigrationId, NodeId, VmId};
 use crate::roster::{valid_name, Member, Role, Roster};
 use crate::signed::{Signable, Signed};
@@ -210,10 +211,13 @@ pub struct MigrationOffer {
     pub issued_at: Timestamp,
     pub expires_at: Timestamp,
     pub roster_epoch: u64,
+    /// Data connections the source would use for this migration (see [`crate::dataplane`]);
+    /// 0: it moves the VM on the migration stream itself.
+    pub data_connections: u32,
 }
 
 impl Signable for MigrationOffer {
-    const DOMAIN: &'static str = "drift/migration-offer/v1";
+    const DOMAIN: &'static str = "drift/migration-offer/v2";
 }
 
 /// Why a target refuses an offer.
@@ -243,6 +247,10 @@ pub enum RejectReason {
     NoCapacity,
     #[error("VM is already here")]
     AlreadyHere,
+    #[error("this source holds its share of the incoming slots already")]
+    SourceShare,
+    #[error("this source's recent migrations stalled or broke the protocol; it is backed off")]
+    BackedOff,
 }
 
 impl RejectReason {
@@ -261,6 +269,8 @@ impl RejectReason {
             RejectReason::RateLimited => "rate_limited",
             RejectReason::NoCapacity => "no_capacity",
             RejectReason::AlreadyHere => "already_here",
+            RejectReason::SourceShare => "source_share",
+            RejectReason::BackedOff => "backed_off",
         }
     }
 }
@@ -269,8 +279,11 @@ impl RejectReason {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Verdict {
     /// Capacity is reserved until `reserved_until`; the transfer must start before then.
+    /// `data`: where the target takes the migration's data connections (`None`: on the
+    /// migration stream only).
     Accept {
         reserved_until: Timestamp,
+        data: Option<DataEndpoint>,
     },
     Reject(RejectReason),
 }
@@ -288,7 +301,7 @@ pub struct MigrationDecision {
 }
 
 impl Signable for MigrationDecision {
-    const DOMAIN: &'static str = "drift/migration-decision/v1";
+    const DOMAIN: &'static str = "drift/migration-decision/v2";
 }
 
 /// What the target checks on an offer before admission control (which needs the node's live
@@ -338,6 +351,7 @@ pub fn validate_offer(
         || offer.vm.vcpus > MAX_VCPUS
         || offer.vm.demand_permille > crate::report::MAX_DEMAND_PERMILLE
         || !offer.vm.qemu.as_ref().is_none_or(QemuVm::well_formed)
+        || offer.data_connections > MAX_DATA_CONNECTIONS
     {
         return Err(RejectReason::BadOffer);
     }
@@ -346,7 +360,8 @@ pub fn validate_offer(
     Ok(offer)
 }
 
-/// What the source checks on a decision: signed by the offer's target, for this offer.
+/// What the source checks on a decision: signed by the offer's target, for this offer, granting
+/// no more data connections than the offer asked for.
 pub fn validate_decision(
     signed: &Signed<MigrationDecision>,
     offer: &Signed<MigrationOffer>,
@@ -361,6 +376,15 @@ pub fn validate_decision(
         || decision.target != offer_value.target
     {
         return Err(RejectReason::BadOffer);
+    }
+    if let Verdict::Accept {
+        data: Some(endpoint),
+        ..
+    } = &decision.verdict
+    {
+        if !endpoint.well_formed() || endpoint.connections > offer_value.data_connections {
+            return Err(RejectReason::BadOffer);
+        }
     }
     Ok(decision)
 }
@@ -528,6 +552,7 @@ mod tests {
             issued_at: Timestamp(1000),
             expires_at: Timestamp(11_000),
             roster_epoch: 3,
+            data_connections: 2,
         };
         let signed = Signed::sign(&offer, &src);
         let now = Timestamp(2000);
@@ -587,11 +612,36 @@ mod tests {
             target: dst.public(),
             verdict: Verdict::Accept {
                 reserved_until: Timestamp(20_000),
+                data: Some(DataEndpoint {
+                    port: 7401,
+                    addrs: vec![],
+                    connections: 2,
+                }),
             },
             issued_at: now,
         };
         let d = Signed::sign(&decision, &dst);
         assert_eq!(validate_decision(&d, &signed, &offer), Ok(decision.clone()));
+        // More data connections than the offer asked for.
+        let mut greedy = decision.clone();
+        greedy.verdict = Verdict::Accept {
+            reserved_until: Timestamp(20_000),
+            data: Some(DataEndpoint {
+                port: 7401,
+                addrs: vec![],
+                connections: 3,
+            }),
+        };
+        assert_eq!(
+            validate_decision(&Signed::sign(&greedy, &dst), &signed, &offer),
+            Err(RejectReason::BadOffer)
+        );
+        let mut too_many = offer.clone();
+        too_many.data_connections = MAX_DATA_CONNECTIONS + 1;
+        assert_eq!(
+            validate_offer(&Signed::sign(&too_many, &src), &dst.public(), &roster, now),
+            Err(RejectReason::BadOffer)
+        );
         assert_eq!(
             validate_decision(&Signed::sign(&decision, &eve), &signed, &offer),
             Err(RejectReason::BadOffer)

@@ -25,6 +25,9 @@ use std::time::{Duration, Instant};
 
 use drift_protocol::audit::{AuditEvent, AuditRecord, Side};
 use drift_protocol::codec::{self, encode_frame, DecodeError, FrameDecoder, MAX_FRAME_LEN};
+use drift_protocol::dataplane::{
+    parse_pages_head, DataAnswer, DataBinding, DataEndpoint, DataFrame, MAX_PAGES_HEAD,
+};
 use drift_protocol::ids::{Hash, MigrationId, NodeId, VmId};
 use drift_protocol::keys::SecretKey;
 use drift_protocol::migration::{
@@ -36,8 +39,9 @@ use drift_protocol::roster::{Announcement, Capacity, Member, Role, Roster};
 use drift_protocol::signed::{Signable, Signed};
 use drift_protocol::time::Timestamp;
 use drift_protocol::transfer::{
-    Abort, AbortReason, Commit, Complete, DeviceState, PageBatch, PageEntry, PageRequest, RoundEnd,
-    Start, TransferFrame, MAX_PAGES_PER_BATCH, MAX_PAGE_REQUEST, PAGE_SIZE,
+    Abort, AbortReason, Applied, Commit, Complete, DeviceState, MissingRanges, PageBatch,
+    PageEntry, PageRequest, RoundEnd, Start, TransferFrame, MAX_PAGES_PER_BATCH, MAX_PAGE_REQUEST,
+    PAGE_SIZE,
 };
 use peakmem_alloc::{PeakMemAlloc, PeakMemAllocTrait, INSTRUMENTED_SYSTEM};
 use rand::rngs::StdRng;
@@ -803,6 +807,7 @@ fn corpus(rng: &mut StdRng) -> (World, Vec<Item>) {
             issued_at: now,
             expires_at: now.plus_millis(10_000),
             roster_epoch: 1,
+            data_connections: rng.gen_range(0..4),
         };
         items.push(signed_item(&offer, &host));
     }
@@ -810,6 +815,15 @@ fn corpus(rng: &mut StdRng) -> (World, Vec<Item>) {
     let verdicts = [
         Verdict::Accept {
             reserved_until: now.plus_millis(30_000),
+            data: None,
+        },
+        Verdict::Accept {
+            reserved_until: now.plus_millis(30_000),
+            data: Some(DataEndpoint {
+                port: 7401,
+                addrs: vec!["10.0.0.2:7401".into(), "[::1]:7401".into()],
+                connections: 2,
+            }),
         },
         Verdict::Reject(RejectReason::Busy),
         Verdict::Reject(RejectReason::EpochMismatch { offer: 3, mine: 4 }),
@@ -917,11 +931,17 @@ fn corpus(rng: &mut StdRng) -> (World, Vec<Item>) {
             mode: Mode::PreCopy,
             page_size: PAGE_SIZE as u32,
             page_count: 1 << 18,
+            data_connections: 2,
         }),
         TransferFrame::RoundEnd(RoundEnd {
             round: 3,
             pages_sent: 1000,
             dirty: 17,
+        }),
+        TransferFrame::Applied(Applied { round: 3 }),
+        TransferFrame::Missing(MissingRanges {
+            ranges: vec![(0, 4), (100, 1)],
+            done: true,
         }),
         TransferFrame::DeviceState(DeviceState::new(
             (0..rng.gen_range(0..300)).map(|_| rng.gen()).collect(),
@@ -946,6 +966,24 @@ fn corpus(rng: &mut StdRng) -> (World, Vec<Item>) {
         frames.push(TransferFrame::Pages(batch));
     }
     items.extend(frames.iter().map(item));
+    // The data plane: bindings, answers, numbered frames.
+    for index in 0..2 {
+        let binding = DataBinding {
+            id: mid(rng),
+            offer: hash(rng),
+            index,
+            exporter: rng.gen(),
+        };
+        items.push(signed_item(&binding, &host));
+    }
+    items.push(item(&DataAnswer::Accepted));
+    items.push(item(&DataAnswer::AlreadyOpen));
+    for (seq, frame) in frames.iter().enumerate().take(4) {
+        items.push(item(&DataFrame {
+            seq: seq as u64 + 1,
+            frame: frame.clone(),
+        }));
+    }
 
     (World { host, roster, now }, items)
 }
@@ -1256,8 +1294,8 @@ impl Fuzz<'_> {
         );
         // A signature check can only hand out a value when the payload decodes: those always
         // get one; envelopes whose payload does not (their check must fail) get one under the
-        // type picked for this input. (Verifying every envelope under all seven domains would
-        // cost seven signature checks per input for no more coverage: the inner decoding is
+        // type picked for this input. (Verifying every envelope under all eight domains would
+        // cost eight signature checks per input for no more coverage: the inner decoding is
         // `decode_payload`, which runs above for every type.)
         if (decoded.is_ok() || always_verify) && self.budget.allow(&mut self.stats) {
             let verified = self.stats.run(
@@ -1373,12 +1411,63 @@ impl Fuzz<'_> {
             input,
         );
 
+        self.envelope::<DataBinding>(
+            7,
+            [
+                "decode Signed<DataBinding>",
+                "decode_exact Signed<DataBinding>",
+                "payload DataBinding",
+                "verify Signed<DataBinding>",
+            ],
+            COMPLETE_OR_COMMIT,
+            input,
+        );
+
         if let Some(frame) = self.frame_decoders::<TransferFrame>(
             ["decode TransferFrame", "decode_exact TransferFrame"],
             TRANSFER,
             input,
         ) {
             self.transfer_checks(input, &frame);
+        }
+        if let Some(numbered) = self.frame_decoders::<DataFrame>(
+            ["decode DataFrame", "decode_exact DataFrame"],
+            TRANSFER,
+            input,
+        ) {
+            self.transfer_checks(input, &numbered.frame);
+        }
+        let _ = self.frame_decoders::<DataAnswer>(
+            ["decode DataAnswer", "decode_exact DataAnswer"],
+            COMPLETE_OR_COMMIT,
+            input,
+        );
+        // How a data connection reads a numbered Pages frame: its head first (the payload's
+        // start, up to MAX_PAGES_HEAD bytes), the length the frame's header announced.
+        if let Some(payload) = input.get(codec::HEADER_LEN..) {
+            let start = &payload[..payload.len().min(MAX_PAGES_HEAD)];
+            let head = self.stats.run(
+                "parse_pages_head",
+                TRANSFER,
+                input,
+                origin,
+                |r: &Result<Option<_>, _>| matches!(r, Ok(Some(_))),
+                || parse_pages_head(start, payload.len()),
+            );
+            // A head that parses is the start of a frame that decodes whole, and vice versa
+            // for Pages frames.
+            if let Ok(Some(head)) = head {
+                let data = payload[head.head_len..head.head_len + head.data_len].to_vec();
+                let hash: [u8; 32] = payload[payload.len() - 32..]
+                    .try_into()
+                    .expect("a parsed head leaves room for the hash");
+                let whole = codec::decode_payload::<DataFrame>(payload);
+                assert_eq!(
+                    whole.as_ref().ok(),
+                    Some(&head.into_frame(data, hash)),
+                    "{origin}"
+                );
+            }
         }
 
         if let Some(announcement) = self.frame_decoders::<Announcement>(
@@ -1506,7 +1595,16 @@ impl Fuzz<'_> {
                     "{origin}"
                 );
             }
-            TransferFrame::Start(_) | TransferFrame::RoundEnd(_) | TransferFrame::Abort(_) => {}
+            TransferFrame::Missing(m) => {
+                assert!(
+                    m.ranges.len() <= drift_protocol::transfer::MAX_STALE_RANGES,
+                    "{origin}"
+                );
+            }
+            TransferFrame::Start(_)
+            | TransferFrame::RoundEnd(_)
+            | TransferFrame::Abort(_)
+            | TransferFrame::Applied(_) => {}
         }
     }
 }
@@ -1617,7 +1715,7 @@ fn every_decoder_survives_junk_within_its_allocation_bound() {
     for iteration in 0..iterations {
         fuzz.origin.iteration = iteration;
         let (kind, input) = next_input(&mut rng, &items, &world.host);
-        fuzz.verify_pick = rng.gen_range(0..7);
+        fuzz.verify_pick = rng.gen_range(0..8);
         fuzz.stats.kinds[kind] += 1;
         max_len = max_len.max(input.len());
         fuzz.all(&input);
@@ -1677,6 +1775,11 @@ fn every_decoder_survives_junk_within_its_allocation_bound() {
             "decode_exact Signed<AuditRecord>",
             "decode_exact TransferFrame",
             "decode_exact Announcement",
+            "decode_exact Signed<DataBinding>",
+            "decode_exact DataFrame",
+            "decode_exact DataAnswer",
+            "parse_pages_head",
+            "payload DataBinding",
             "payload Roster",
             "payload MigrationOffer",
             "payload MigrationDecision",
@@ -1905,6 +2008,7 @@ fn worst_cases() -> Vec<WorstCase> {
         issued_at: Timestamp(1),
         expires_at: Timestamp(2),
         roster_epoch: 1,
+        data_connections: 0,
     };
     let (encoded, marks) = record(&offer);
     // The jurisdictions' length prefix is the first Len mark after the VM name's.

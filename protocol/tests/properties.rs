@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 
 use drift_protocol::audit::{AuditEvent, AuditRecord, Side};
 use drift_protocol::codec::{self, encode_frame, DecodeError, FrameDecoder, HEADER_LEN};
+use drift_protocol::dataplane::{
+    DataAnswer, DataBinding, DataEndpoint, DataFrame, MAX_DATA_CONNECTIONS,
+};
 use drift_protocol::ids::{Hash, MigrationId, NodeId, VmId};
 use drift_protocol::keys::SecretKey;
 use drift_protocol::migration::{
@@ -29,9 +32,10 @@ use drift_protocol::report::{
 use drift_protocol::roster::{Capacity, Member, Role, Roster};
 use drift_protocol::signed::{Signable, Signed, VerifyError, DOMAINS};
 use drift_protocol::time::Timestamp;
+use drift_protocol::transfer::recover::{RecoverAnswer, RecoverRefusal, RecoverRequest};
 use drift_protocol::transfer::{
-    self, Abort, AbortReason, Commit, Complete, DeviceState, PageBatch, PageRequest, RoundEnd,
-    StaleRanges, Start, TransferFrame, PAGE_SIZE,
+    self, Abort, AbortReason, Applied, Commit, Complete, DeviceState, MissingRanges, PageBatch,
+    PageRequest, RoundEnd, StaleRanges, Start, TransferFrame, PAGE_SIZE,
 };
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -243,10 +247,19 @@ fn vm_summary() -> impl Strategy<Value = VmSummary> {
 fn migration_offer() -> impl Strategy<Value = MigrationOffer> {
     (
         (migration_id(), node_id(), node_id(), vm_summary(), mode()),
-        (any::<[u8; 16]>(), timestamp(), timestamp(), any::<u64>()),
+        (
+            any::<[u8; 16]>(),
+            timestamp(),
+            timestamp(),
+            any::<u64>(),
+            0..=MAX_DATA_CONNECTIONS,
+        ),
     )
         .prop_map(
-            |((id, source, target, vm, mode), (nonce, issued_at, expires_at, roster_epoch))| {
+            |(
+                (id, source, target, vm, mode),
+                (nonce, issued_at, expires_at, roster_epoch, data_connections),
+            )| {
                 MigrationOffer {
                     id,
                     source,
@@ -257,9 +270,34 @@ fn migration_offer() -> impl Strategy<Value = MigrationOffer> {
                     issued_at,
                     expires_at,
                     roster_epoch,
+                    data_connections,
                 }
             },
         )
+}
+
+fn data_endpoint() -> impl Strategy<Value = DataEndpoint> {
+    (
+        any::<u16>(),
+        prop::collection::vec("[0-9a-f:.\\[\\]]{1,40}", 0..3),
+        1..=MAX_DATA_CONNECTIONS,
+    )
+        .prop_map(|(port, addrs, connections)| DataEndpoint {
+            port,
+            addrs,
+            connections,
+        })
+}
+
+fn data_binding() -> impl Strategy<Value = DataBinding> {
+    (migration_id(), hash(), any::<u32>(), any::<[u8; 32]>()).prop_map(
+        |(id, offer, index, exporter)| DataBinding {
+            id,
+            offer,
+            index,
+            exporter,
+        },
+    )
 }
 
 fn placement_violation() -> impl Strategy<Value = PlacementViolation> {
@@ -294,12 +332,19 @@ fn reject_reason() -> impl Strategy<Value = RejectReason> {
         Just(RejectReason::RateLimited),
         Just(RejectReason::NoCapacity),
         Just(RejectReason::AlreadyHere),
+        Just(RejectReason::SourceShare),
+        Just(RejectReason::BackedOff),
     ]
 }
 
 fn verdict() -> impl Strategy<Value = Verdict> {
     prop_oneof![
-        timestamp().prop_map(|reserved_until| Verdict::Accept { reserved_until }),
+        (timestamp(), prop::option::of(data_endpoint())).prop_map(|(reserved_until, data)| {
+            Verdict::Accept {
+                reserved_until,
+                data,
+            }
+        }),
         reject_reason().prop_map(Verdict::Reject),
     ]
 }
@@ -353,6 +398,47 @@ fn resolve_query() -> impl Strategy<Value = ResolveQuery> {
             asked_at,
         },
     )
+}
+
+fn recover_request() -> impl Strategy<Value = RecoverRequest> {
+    (
+        migration_id(),
+        hash(),
+        node_id(),
+        node_id(),
+        any::<u32>(),
+        timestamp(),
+    )
+        .prop_map(
+            |(id, offer, source, target, attempt, issued_at)| RecoverRequest {
+                id,
+                offer,
+                source,
+                target,
+                attempt,
+                issued_at,
+            },
+        )
+}
+
+fn recover_answer() -> impl Strategy<Value = RecoverAnswer> {
+    let refusal = prop_oneof![
+        Just(None),
+        Just(Some(RecoverRefusal::BadSignature)),
+        Just(Some(RecoverRefusal::NotForMe)),
+        Just(Some(RecoverRefusal::NotWaiting)),
+        Just(Some(RecoverRefusal::WrongOffer)),
+        Just(Some(RecoverRefusal::Replayed)),
+        Just(Some(RecoverRefusal::Expired)),
+    ];
+    (migration_id(), hash(), node_id(), refusal).prop_map(|(id, request, target, refusal)| {
+        RecoverAnswer {
+            id,
+            request,
+            target,
+            refusal,
+        }
+    })
 }
 
 fn resolve_answer() -> impl Strategy<Value = ResolveAnswer> {
@@ -434,20 +520,40 @@ fn abort_reason() -> impl Strategy<Value = AbortReason> {
         Just(AbortReason::Protocol),
         Just(AbortReason::Timeout),
         Just(AbortReason::Revoked),
+        Just(AbortReason::Malformed),
+        Just(AbortReason::Stalled),
+        Just(AbortReason::NotConverging),
     ]
 }
 
 fn transfer_frame() -> impl Strategy<Value = TransferFrame> {
     prop_oneof![
-        (migration_id(), hash(), mode(), any::<u32>(), any::<u64>()).prop_map(
-            |(id, offer, mode, page_size, page_count)| TransferFrame::Start(Start {
-                id,
-                offer,
-                mode,
-                page_size,
-                page_count,
-            })
-        ),
+        (
+            migration_id(),
+            hash(),
+            mode(),
+            any::<u32>(),
+            any::<u64>(),
+            any::<u32>()
+        )
+            .prop_map(
+                |(id, offer, mode, page_size, page_count, data_connections)| {
+                    TransferFrame::Start(Start {
+                        id,
+                        offer,
+                        mode,
+                        page_size,
+                        page_count,
+                        data_connections,
+                    })
+                }
+            ),
+        any::<u32>().prop_map(|round| TransferFrame::Applied(Applied { round })),
+        (
+            prop::collection::vec((any::<u64>(), any::<u64>()), 0..8),
+            any::<bool>()
+        )
+            .prop_map(|(ranges, done)| TransferFrame::Missing(MissingRanges { ranges, done })),
         page_batch().prop_map(TransferFrame::Pages),
         (any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(round, pages_sent, dirty)| {
             TransferFrame::RoundEnd(RoundEnd {
@@ -550,6 +656,9 @@ struct AllSigned {
     audit: AuditRecord,
     query: ResolveQuery,
     answer: ResolveAnswer,
+    binding: DataBinding,
+    recover: RecoverRequest,
+    recovered: RecoverAnswer,
 }
 
 fn all_signed() -> impl Strategy<Value = AllSigned> {
@@ -563,9 +672,12 @@ fn all_signed() -> impl Strategy<Value = AllSigned> {
         audit_record(),
         resolve_query(),
         resolve_answer(),
+        data_binding(),
+        recover_request(),
+        recover_answer(),
     )
         .prop_map(
-            |(report, roster, offer, decision, complete, commit, audit, query, answer)| AllSigned {
+            |(
                 report,
                 roster,
                 offer,
@@ -575,6 +687,24 @@ fn all_signed() -> impl Strategy<Value = AllSigned> {
                 audit,
                 query,
                 answer,
+                binding,
+                recover,
+                recovered,
+            )| {
+                AllSigned {
+                    report,
+                    roster,
+                    offer,
+                    decision,
+                    complete,
+                    commit,
+                    audit,
+                    query,
+                    answer,
+                    binding,
+                    recover,
+                    recovered,
+                }
             },
         )
 }
@@ -662,9 +792,40 @@ proptest! {
     }
 
     #[test]
+    fn recover_round_trips(q in recover_request(), a in recover_answer(), key in secret_key()) {
+        frame_round_trip(&q)?;
+        signed_round_trip(&q, &key)?;
+        frame_round_trip(&a)?;
+        signed_round_trip(&a, &key)?;
+    }
+
+    #[test]
     fn audit_record_round_trips(v in audit_record(), key in secret_key()) {
         frame_round_trip(&v)?;
         signed_round_trip(&v, &key)?;
+    }
+
+    #[test]
+    fn data_plane_values_round_trip(
+        b in data_binding(),
+        key in secret_key(),
+        seq in any::<u64>(),
+        frame in transfer_frame(),
+    ) {
+        frame_round_trip(&b)?;
+        signed_round_trip(&b, &key)?;
+        frame_round_trip(&DataFrame { seq, frame })?;
+        for answer in [
+            DataAnswer::Invalid,
+            DataAnswer::Accepted,
+            DataAnswer::BadBinding,
+            DataAnswer::UnknownMigration,
+            DataAnswer::NotTheSource,
+            DataAnswer::BeyondAgreed,
+            DataAnswer::AlreadyOpen,
+        ] {
+            frame_round_trip(&answer)?;
+        }
     }
 }
 
@@ -696,7 +857,9 @@ proptest! {
             TransferFrame::Start(_)
             | TransferFrame::RoundEnd(_)
             | TransferFrame::Abort(_)
-            | TransferFrame::Stale(_) => {}
+            | TransferFrame::Stale(_)
+            | TransferFrame::Missing(_)
+            | TransferFrame::Applied(_) => {}
         }
     }
 
@@ -859,6 +1022,21 @@ proptest! {
     fn no_bit_flip_of_a_signed_audit_record_verifies(v in audit_record(), key in secret_key(), s in any::<u64>()) {
         every_flip_fails(&v, &key, s)?;
     }
+
+    #[test]
+    fn no_bit_flip_of_a_signed_recover_request_verifies(v in recover_request(), key in secret_key(), s in any::<u64>()) {
+        every_flip_fails(&v, &key, s)?;
+    }
+
+    #[test]
+    fn no_bit_flip_of_a_signed_recover_answer_verifies(v in recover_answer(), key in secret_key(), s in any::<u64>()) {
+        every_flip_fails(&v, &key, s)?;
+    }
+
+    #[test]
+    fn no_bit_flip_of_a_signed_data_binding_verifies(v in data_binding(), key in secret_key(), s in any::<u64>()) {
+        every_flip_fails(&v, &key, s)?;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -944,6 +1122,9 @@ fn domain_a_against_all<A: Signable>(
     b_signed_as_a::<A, AuditRecord>(&all.audit, key)?;
     b_signed_as_a::<A, ResolveQuery>(&all.query, key)?;
     b_signed_as_a::<A, ResolveAnswer>(&all.answer, key)?;
+    b_signed_as_a::<A, DataBinding>(&all.binding, key)?;
+    b_signed_as_a::<A, RecoverRequest>(&all.recover, key)?;
+    b_signed_as_a::<A, RecoverAnswer>(&all.recovered, key)?;
     a_replayed_as_b::<A, LoadReport>(a, key)?;
     a_replayed_as_b::<A, Roster>(a, key)?;
     a_replayed_as_b::<A, MigrationOffer>(a, key)?;
@@ -953,12 +1134,15 @@ fn domain_a_against_all<A: Signable>(
     a_replayed_as_b::<A, AuditRecord>(a, key)?;
     a_replayed_as_b::<A, ResolveQuery>(a, key)?;
     a_replayed_as_b::<A, ResolveAnswer>(a, key)?;
+    a_replayed_as_b::<A, DataBinding>(a, key)?;
+    a_replayed_as_b::<A, RecoverRequest>(a, key)?;
+    a_replayed_as_b::<A, RecoverAnswer>(a, key)?;
     Ok(())
 }
 
 /// The signed types this file covers, by domain. Must match `signed::DOMAINS` exactly, so a new
 /// signed type fails here until it is covered.
-const COVERED_DOMAINS: [&str; 9] = [
+const COVERED_DOMAINS: [&str; 12] = [
     LoadReport::DOMAIN,
     Roster::DOMAIN,
     MigrationOffer::DOMAIN,
@@ -968,6 +1152,9 @@ const COVERED_DOMAINS: [&str; 9] = [
     AuditRecord::DOMAIN,
     ResolveQuery::DOMAIN,
     ResolveAnswer::DOMAIN,
+    DataBinding::DOMAIN,
+    RecoverRequest::DOMAIN,
+    RecoverAnswer::DOMAIN,
 ];
 
 #[test]
@@ -1003,6 +1190,9 @@ proptest! {
         domain_a_against_all::<AuditRecord>(&all.audit, &all, &key)?;
         domain_a_against_all::<ResolveQuery>(&all.query, &all, &key)?;
         domain_a_against_all::<ResolveAnswer>(&all.answer, &all, &key)?;
+        domain_a_against_all::<DataBinding>(&all.binding, &all, &key)?;
+        domain_a_against_all::<RecoverRequest>(&all.recover, &all, &key)?;
+        domain_a_against_all::<RecoverAnswer>(&all.recovered, &all, &key)?;
     }
 }
 

@@ -7,10 +7,15 @@
 use drift_protocol::ids::{Hash, MigrationId};
 use drift_protocol::migration::Mode;
 use drift_protocol::transfer::receiver::{Accepted, Phase, ReceiveError, Receiver, Step};
+use drift_protocol::transfer::recover::{
+    check_recover_answer, validate_recover_request, RecoverAnswer, RecoverRefusal, RecoverRequest,
+    Waiting,
+};
 use drift_protocol::transfer::sender::{SendError, Sender, SenderPhase, SenderStep};
 use drift_protocol::transfer::{
-    memory_root, page_leaf, Abort, AbortReason, Commit, Complete, DeviceState, PageBatch,
-    PageRequest, RoundEnd, StaleRanges, Start, TransferFrame, MAX_PAGES_PER_BATCH, PAGE_SIZE,
+    memory_root, page_leaf, Abort, AbortReason, Applied, Commit, Complete, DeviceState,
+    MissingRanges, PageBatch, PageRequest, RoundEnd, StaleRanges, Start, TransferFrame,
+    MAX_PAGES_PER_BATCH, PAGE_SIZE,
 };
 use drift_protocol::{SecretKey, Signed, Timestamp};
 use proptest::prelude::*;
@@ -54,6 +59,7 @@ fn world(mode: Mode) -> World {
             source: source_key.public(),
             mode,
             page_count: PAGES,
+            data_connections: 2,
         },
         source_key,
         target_key,
@@ -70,6 +76,7 @@ impl World {
             mode: self.accepted.mode,
             page_size: PAGE_SIZE as u32,
             page_count: PAGES,
+            data_connections: 0,
         })
     }
 
@@ -229,6 +236,126 @@ fn precopy_moves_memory_exactly_and_commit_binds_the_root() {
     assert!(!tx.may_resume_here());
 }
 
+/// Batches a node checked as they arrived ([`PageBatch::into_checked`]) move memory exactly as
+/// the same `Pages` frames do; a batch checked against another memory size is refused.
+#[test]
+fn checked_batches_move_memory_as_pages_frames_do() {
+    let w = world(Mode::PreCopy);
+    let mut by_frames = Target::new(&w.accepted);
+    let mut by_checked = Target::new(&w.accepted);
+    by_frames.feed(&w.start()).unwrap();
+    by_checked.feed(&w.start()).unwrap();
+    for frame in w.batches(0, &all()) {
+        by_frames.feed(&frame).unwrap();
+        let TransferFrame::Pages(batch) = frame else {
+            unreachable!()
+        };
+        let checked = batch.into_checked(PAGES).unwrap();
+        match by_checked.rx.on_checked(&checked).unwrap() {
+            Step::WritePages(writes) => {
+                for (pfn, data) in writes {
+                    by_checked.mem[pfn as usize] =
+                        data.map_or_else(|| vec![0; PAGE_SIZE], <[u8]>::to_vec);
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(by_checked.mem, by_frames.mem);
+    assert_eq!(by_checked.rx.stats(), by_frames.rx.stats());
+
+    // Checked against a larger memory: its page numbers were never checked against this one.
+    let TransferFrame::Pages(batch) = &w.batches(1, &[3])[0] else {
+        unreachable!()
+    };
+    let elsewhere = batch.clone().into_checked(PAGES + 1).unwrap();
+    assert!(by_checked.rx.clone().on_checked(&elsewhere).is_err());
+    // Out of order: a checked batch before the transfer started is refused too.
+    let mut fresh = Receiver::new(w.accepted.clone());
+    let checked = batch.clone().into_checked(PAGES).unwrap();
+    assert!(matches!(
+        fresh.on_checked(&checked),
+        Err(ReceiveError::OutOfOrder { .. })
+    ));
+    assert_eq!(fresh.phase(), Phase::Aborted);
+}
+
+/// The target's acknowledgement of a round reaches the source while it copies (and may cross
+/// the switchover), never once the transfer is over.
+#[test]
+fn the_source_takes_round_acknowledgements_until_the_transfer_ends() {
+    let w = world(Mode::PreCopy);
+    let applied = |round| TransferFrame::Applied(Applied { round });
+    let mut tx = Sender::new(w.accepted.id, w.target_key.public(), Mode::PreCopy, PAGES);
+    assert_eq!(tx.on_frame(&applied(0)), Ok(SenderStep::Applied(0)));
+    assert_eq!(tx.on_frame(&applied(3)), Ok(SenderStep::Applied(3)));
+    tx.complete_sent(w.root());
+    assert_eq!(tx.on_frame(&applied(4)), Ok(SenderStep::Applied(4)));
+    tx.abandon();
+    let mut done = Sender::new(w.accepted.id, w.target_key.public(), Mode::PreCopy, PAGES);
+    done.abandon();
+    assert!(matches!(
+        done.on_frame(&applied(0)),
+        Err(SendError::OutOfOrder { .. })
+    ));
+}
+
+/// `Start` may name no more data connections than the target granted.
+#[test]
+fn start_names_at_most_the_granted_data_connections() {
+    let w = world(Mode::PreCopy);
+    for (n, ok) in [(0, true), (2, true), (3, false)] {
+        let mut rx = Receiver::new(w.accepted.clone());
+        let start = TransferFrame::Start(Start {
+            id: w.accepted.id,
+            offer: w.accepted.offer,
+            mode: w.accepted.mode,
+            page_size: PAGE_SIZE as u32,
+            page_count: PAGES,
+            data_connections: n,
+        });
+        assert_eq!(rx.on_frame(&start).is_ok(), ok, "{n} connections");
+    }
+}
+
+#[test]
+fn a_round_carries_every_page_at_most_once_and_empty_batches_are_bounded() {
+    let w = world(Mode::PreCopy);
+    // The whole memory twice in one round.
+    let mut t = Target::new(&w.accepted);
+    t.feed(&w.start()).unwrap();
+    t.feed_all(&w.batches(0, &all())).unwrap();
+    let again = w.batches(0, &all());
+    let e = t.feed_all(&again).unwrap_err();
+    assert!(
+        matches!(e, ReceiveError::RoundTooLarge { round: 0, .. }),
+        "{e}"
+    );
+    assert_eq!(e.abort_reason(), AbortReason::Protocol);
+    // A new round may carry every page again.
+    let mut t = Target::new(&w.accepted);
+    t.feed(&w.start()).unwrap();
+    t.feed_all(&w.batches(0, &all())).unwrap();
+    t.feed(&TransferFrame::RoundEnd(RoundEnd {
+        round: 0,
+        pages_sent: PAGES,
+        dirty: PAGES,
+    }))
+    .unwrap();
+    t.feed_all(&w.batches(1, &all())).unwrap();
+    // Empty batches: at most one more than the VM has pages.
+    let mut t = Target::new(&w.accepted);
+    t.feed(&w.start()).unwrap();
+    let empty = TransferFrame::Pages(PageBatch::build(0, std::iter::empty::<(u64, &[u8])>()));
+    for _ in 0..=PAGES {
+        t.feed(&empty).unwrap();
+    }
+    assert!(matches!(
+        t.feed(&empty),
+        Err(ReceiveError::RoundTooLarge { batches, .. }) if batches == PAGES + 2
+    ));
+}
+
 #[test]
 fn postcopy_resumes_at_once_applies_only_missing_pages_and_verifies_the_switchover_memory() {
     let w = world(Mode::PostCopy);
@@ -322,6 +449,227 @@ fn hybrid_marks_redirtied_pages_missing() {
     assert_eq!(t.mem, w.mem);
 }
 
+#[test]
+fn hybrid_rounds_that_converge_end_as_precopy_with_no_postcopy_window() {
+    let w = world(Mode::Hybrid);
+    let mut t = Target::new(&w.accepted);
+    t.feed(&w.start()).unwrap();
+    t.feed_all(&w.batches(0, &all())).unwrap();
+    t.feed(&TransferFrame::RoundEnd(RoundEnd {
+        round: 0,
+        pages_sent: PAGES,
+        dirty: 0,
+    }))
+    .unwrap();
+    // Nothing named stale: the device state is a pre-copy ending.
+    t.feed(&TransferFrame::DeviceState(DeviceState::new(
+        w.device.clone(),
+    )))
+    .unwrap();
+    assert!(!t.running, "the VM must wait for the verified root");
+    assert_eq!(t.rx.phase(), Phase::AwaitComplete);
+    t.feed(&w.complete()).unwrap();
+    assert_eq!(t.verified, Some(w.root()));
+    // Pre-copy still refuses stale ranges: it never agreed to post-copy.
+    let p = world(Mode::PreCopy);
+    let mut strict = Target::new(&p.accepted);
+    strict.feed(&p.start()).unwrap();
+    assert!(matches!(
+        strict.feed(&TransferFrame::Stale(StaleRanges {
+            ranges: vec![(1, 1)]
+        })),
+        Err(ReceiveError::OutOfOrder { .. })
+    ));
+}
+
+#[test]
+fn after_a_recovered_link_the_target_names_what_it_lacks_and_the_source_takes_only_that() {
+    let w = world(Mode::PostCopy);
+    let mut t = Target::new(&w.accepted);
+    let mut tx = Sender::new(w.accepted.id, w.target_key.public(), Mode::PostCopy, PAGES);
+    t.feed(&w.start()).unwrap();
+    t.feed(&TransferFrame::Stale(StaleRanges {
+        ranges: vec![(0, PAGES)],
+    }))
+    .unwrap();
+    tx.switched();
+    t.feed(&TransferFrame::DeviceState(DeviceState::new(
+        w.device.clone(),
+    )))
+    .unwrap();
+    // Pages 0..40 and 50 arrived before the link broke.
+    let arrived: Vec<u64> = (0..40).chain([50]).collect();
+    t.feed_all(&w.batches(0, &arrived)).unwrap();
+    let missing = t.rx.missing_ranges();
+    assert_eq!(missing, vec![(40, 10), (51, PAGES - 51)]);
+    assert_eq!(
+        missing.iter().map(|r| r.1).sum::<u64>(),
+        t.rx.missing_count()
+    );
+    let step = tx
+        .on_frame(&TransferFrame::Missing(MissingRanges {
+            ranges: missing.clone(),
+            done: true,
+        }))
+        .unwrap();
+    assert_eq!(
+        step,
+        SenderStep::Missing {
+            ranges: missing,
+            done: true
+        }
+    );
+    // A range beyond the VM is refused.
+    assert!(matches!(
+        tx.on_frame(&TransferFrame::Missing(MissingRanges {
+            ranges: vec![(PAGES - 1, 2)],
+            done: true,
+        })),
+        Err(SendError::BadRange { .. })
+    ));
+    // The rest arrives, the root verifies.
+    let rest: Vec<u64> = (40..50).chain(51..PAGES).collect();
+    t.feed_all(&w.batches(0, &rest)).unwrap();
+    t.feed(&w.complete()).unwrap();
+    assert_eq!(t.verified, Some(w.root()));
+    // Before the switchover a Missing frame is out of order.
+    let mut early = Sender::new(w.accepted.id, w.target_key.public(), Mode::PostCopy, PAGES);
+    assert!(matches!(
+        early.on_frame(&TransferFrame::Missing(MissingRanges {
+            ranges: vec![],
+            done: true
+        })),
+        Err(SendError::OutOfOrder { .. })
+    ));
+}
+
+#[test]
+fn a_recovery_is_taken_only_from_the_source_for_its_waiting_migration_and_never_twice() {
+    let w = world(Mode::PostCopy);
+    let me = w.target_key.public();
+    let source = w.source_key.public();
+    let now = Timestamp(1_000_000);
+    let waiting = Waiting {
+        id: w.accepted.id,
+        offer: w.accepted.offer,
+        source,
+        last_attempt: 1,
+    };
+    let request = |attempt: u32, issued_at: Timestamp| RecoverRequest {
+        id: w.accepted.id,
+        offer: w.accepted.offer,
+        source,
+        target: me,
+        attempt,
+        issued_at,
+    };
+    let check = |req: &RecoverRequest,
+                 key: &SecretKey,
+                 peer: &drift_protocol::NodeId,
+                 waiting: Option<&Waiting>| {
+        validate_recover_request(
+            &Signed::sign(req, key),
+            peer,
+            &me,
+            waiting,
+            now,
+            30_000,
+            5_000,
+        )
+    };
+    let good = request(2, now);
+    assert_eq!(
+        check(&good, &w.source_key, &source, Some(&waiting)),
+        Ok(good.clone())
+    );
+    // Signed by another key, or arriving from another peer.
+    let other = SecretKey::from_bytes(&[9; 32]);
+    let other_id = other.public();
+    assert_eq!(
+        check(&good, &other, &source, Some(&waiting)),
+        Err(RecoverRefusal::BadSignature)
+    );
+    assert_eq!(
+        check(&good, &w.source_key, &other_id, Some(&waiting)),
+        Err(RecoverRefusal::BadSignature)
+    );
+    // For another node.
+    let elsewhere = RecoverRequest {
+        target: other_id,
+        ..good.clone()
+    };
+    assert_eq!(
+        check(&elsewhere, &w.source_key, &source, Some(&waiting)),
+        Err(RecoverRefusal::NotForMe)
+    );
+    // Nothing waits, or something else does.
+    assert_eq!(
+        check(&good, &w.source_key, &source, None),
+        Err(RecoverRefusal::NotWaiting)
+    );
+    let another = Waiting {
+        id: MigrationId::from_bytes([8; 16]),
+        ..waiting.clone()
+    };
+    assert_eq!(
+        check(&good, &w.source_key, &source, Some(&another)),
+        Err(RecoverRefusal::NotWaiting)
+    );
+    let wrong_offer = RecoverRequest {
+        offer: Hash::of(b"another offer"),
+        ..good.clone()
+    };
+    assert_eq!(
+        check(&wrong_offer, &w.source_key, &source, Some(&waiting)),
+        Err(RecoverRefusal::WrongOffer)
+    );
+    // A replayed (or older) attempt, and stale or future requests.
+    assert_eq!(
+        check(&request(1, now), &w.source_key, &source, Some(&waiting)),
+        Err(RecoverRefusal::Replayed)
+    );
+    assert_eq!(
+        check(
+            &request(3, Timestamp(now.0 - 31_000)),
+            &w.source_key,
+            &source,
+            Some(&waiting)
+        ),
+        Err(RecoverRefusal::Expired)
+    );
+    assert_eq!(
+        check(
+            &request(3, Timestamp(now.0 + 6_000)),
+            &w.source_key,
+            &source,
+            Some(&waiting)
+        ),
+        Err(RecoverRefusal::Expired)
+    );
+    // The answer must come from the target, for this very request.
+    let signed = Signed::sign(&good, &w.source_key);
+    let answer = |refusal, request| RecoverAnswer {
+        id: good.id,
+        request,
+        target: me,
+        refusal,
+    };
+    let ok = Signed::sign(&answer(None, signed.hash()), &w.target_key);
+    assert_eq!(check_recover_answer(&ok, &signed, &good), Ok(None));
+    let no = Signed::sign(
+        &answer(Some(RecoverRefusal::NotWaiting), signed.hash()),
+        &w.target_key,
+    );
+    assert_eq!(
+        check_recover_answer(&no, &signed, &good),
+        Ok(Some(RecoverRefusal::NotWaiting))
+    );
+    let forged = Signed::sign(&answer(None, signed.hash()), &other);
+    assert!(check_recover_answer(&forged, &signed, &good).is_err());
+    let for_another = Signed::sign(&answer(None, Hash::of(b"other request")), &w.target_key);
+    assert!(check_recover_answer(&for_another, &signed, &good).is_err());
+}
+
 /// A pre-copy transfer up to (not including) `Complete`.
 fn precopy_frames(w: &World) -> Vec<TransferFrame> {
     let mut f = vec![w.start()];
@@ -408,6 +756,7 @@ fn tampering_forgery_and_disorder_abort_before_anything_runs() {
             mode: Mode::PreCopy,
             page_size: 4096,
             page_count: PAGES,
+            data_connections: 0,
         },
         Start {
             id: w.accepted.id,
@@ -415,6 +764,7 @@ fn tampering_forgery_and_disorder_abort_before_anything_runs() {
             mode: Mode::PreCopy,
             page_size: 4096,
             page_count: PAGES,
+            data_connections: 0,
         },
         Start {
             id: w.accepted.id,
@@ -422,6 +772,7 @@ fn tampering_forgery_and_disorder_abort_before_anything_runs() {
             mode: Mode::PostCopy,
             page_size: 4096,
             page_count: PAGES,
+            data_connections: 0,
         },
         Start {
             id: w.accepted.id,
@@ -429,6 +780,7 @@ fn tampering_forgery_and_disorder_abort_before_anything_runs() {
             mode: Mode::PreCopy,
             page_size: 512,
             page_count: PAGES,
+            data_connections: 0,
         },
         Start {
             id: w.accepted.id,
@@ -436,6 +788,7 @@ fn tampering_forgery_and_disorder_abort_before_anything_runs() {
             mode: Mode::PreCopy,
             page_size: 4096,
             page_count: PAGES * 1000,
+            data_connections: 0,
         },
     ] {
         let mut t = Target::new(&w.accepted);
@@ -653,6 +1006,7 @@ fn any_frame(w: &World) -> impl Strategy<Value = TransferFrame> {
                 mode,
                 page_size: 4096,
                 page_count: if same { PAGES } else { pc },
+                data_connections: if same { 2 } else { 3 },
             })),
         (
             0u32..4,
@@ -744,6 +1098,7 @@ fn large_postcopy_bookkeeping() {
         source: key.public(),
         mode: Mode::PostCopy,
         page_count: pages,
+        data_connections: 0,
     };
     let mut rx = Receiver::new(accepted.clone());
     rx.on_frame(&TransferFrame::Start(Start {
@@ -752,6 +1107,7 @@ fn large_postcopy_bookkeeping() {
         mode: Mode::PostCopy,
         page_size: PAGE_SIZE as u32,
         page_count: pages,
+        data_connections: 0,
     }))
     .unwrap();
     let stale: Vec<u64> = (0..800).map(|i| 1 + i * 97).collect();

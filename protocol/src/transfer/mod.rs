@@ -12,6 +12,7 @@
 //!     loop pre-copy rounds
 //!         S->>T: Pages {round, entries, data, blake3}
 //!         S->>T: RoundEnd {round, pages sent, dirty}
+//!         T->>S: Applied {round}: every page of the round is in the VM
 //!     end
 //!     Note over S: pause VM (stop-and-copy)
 //!     S->>T: Pages (last dirty pages)
@@ -26,9 +27,10 @@
 //! sends `PageRequest`s for pages it lacks while the source pushes the rest.
 //!
 //! The root binds the target's memory to what the source had at switchover: each page's leaf
-//! is its blake3 hash (zero pages have a fixed leaf), and the root hashes the page count, page
-//! size, every leaf in page order and the device-state hash. Both sides keep leaves as pages
-//! move, so computing the root at switchover costs one pass over 32 bytes per page.
+//! is its blake3 hash (zero pages have a fixed leaf), leaves hash in groups of 256, and the
+//! root hashes the page count, page size, every group in page order and the device-state hash
+//! (see [`Leaves`]). Both sides keep leaves and groups up to date as pages move, so the root at
+//! the switchover costs little more than the last round's groups.
 
 use serde::{Deserialize, Serialize};
 
@@ -60,6 +62,27 @@ pub enum TransferFrame {
     /// Post-copy and hybrid: page ranges the target does not hold the switchover version of.
     /// Sent after the last pre-copy round and before `DeviceState`; may take several frames.
     Stale(StaleRanges),
+    /// Target: every page of rounds up to `round` is in the incoming VM. The source waits for
+    /// it before it decides on the switchover, so no earlier round's bytes are still on their
+    /// way (and in the downtime) when it pauses the VM.
+    Applied(Applied),
+    /// Target, post-copy, on a recovered link: pages it still lacks (see [`recover`]).
+    Missing(MissingRanges),
+}
+
+/// See [`TransferFrame::Missing`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MissingRanges {
+    #[serde(deserialize_with = "crate::bounded::seq::<_, _, MAX_STALE_RANGES>")]
+    pub ranges: Vec<(u64, u64)>,
+    /// The last of them: every page the target lacks was named.
+    pub done: bool,
+}
+
+/// See [`TransferFrame::Applied`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    pub round: u32,
 }
 
 /// At most this many ranges in one [`StaleRanges`] frame.
@@ -81,6 +104,10 @@ pub struct Start {
     pub mode: Mode,
     pub page_size: u32,
     pub page_count: u64,
+    /// 0: every frame after this one follows on this stream. Otherwise they follow on this
+    /// many data connections, numbered (see [`crate::dataplane::DataFrame`]); at most what
+    /// the target granted.
+    pub data_connections: u32,
 }
 
 /// How one page travels.
@@ -181,6 +208,53 @@ impl PageBatch {
         }
     }
 
+    /// Builds a batch of pages `pfns` whose contents `fill(pfn, page)` writes straight into the
+    /// batch's data (no intermediate copy), marking zero pages; with each entry's leaf. Callers
+    /// keep batches within [`MAX_PAGES_PER_BATCH`].
+    pub fn build_with(
+        round: u32,
+        pfns: &[u64],
+        fill: impl FnMut(u64, &mut [u8]),
+    ) -> (Self, Vec<Hash>) {
+        Self::build_into(round, pfns, Vec::new(), fill)
+    }
+
+    /// [`PageBatch::build_with`] into `data`, a buffer of an earlier batch (its contents are
+    /// overwritten; a buffer as long as the batch needs is used without being cleared).
+    pub fn build_into(
+        round: u32,
+        pfns: &[u64],
+        mut data: Vec<u8>,
+        mut fill: impl FnMut(u64, &mut [u8]),
+    ) -> (Self, Vec<Hash>) {
+        // Zero pages are written over and cut off at the end; nothing needs clearing first.
+        data.resize(pfns.len() * PAGE_SIZE, 0);
+        let mut entries = Vec::with_capacity(pfns.len());
+        let mut used = 0;
+        for &pfn in pfns {
+            let page = &mut data[used..used + PAGE_SIZE];
+            fill(pfn, page);
+            let kind = if is_zero_page(page) {
+                PageKind::Zero
+            } else {
+                used += PAGE_SIZE;
+                PageKind::Full
+            };
+            entries.push(PageEntry { pfn, kind });
+        }
+        data.truncate(used);
+        let (hash, leaves) = Self::hash_and_leaves(round, &entries, &data);
+        (
+            Self {
+                round,
+                entries,
+                data,
+                hash,
+            },
+            leaves,
+        )
+    }
+
     /// The hash of a batch: blake3 over the round, and for every entry its page number, kind
     /// and leaf ([`page_leaf`] of its data, [`zero_leaf`] for a zero page). `data` must hold
     /// the full pages in entry order (see [`PageBatch::check`] for the length rule).
@@ -211,6 +285,16 @@ impl PageBatch {
     /// Checks every count, page number and length against the VM's `page_count`, and the hash.
     pub fn check(&self, page_count: u64) -> Result<(), FrameError> {
         self.checked_leaves(page_count).map(|_| ())
+    }
+
+    /// [`PageBatch::check`], keeping the result: the only way to make a [`CheckedBatch`].
+    pub fn into_checked(self, page_count: u64) -> Result<CheckedBatch, FrameError> {
+        let leaves = self.checked_leaves(page_count)?;
+        Ok(CheckedBatch {
+            batch: self,
+            leaves,
+            page_count,
+        })
     }
 
     /// [`PageBatch::check`], returning each entry's leaf for the memory root.
@@ -249,6 +333,39 @@ impl PageBatch {
             PageKind::Zero => (e.pfn, None),
             PageKind::Full => (e.pfn, chunks.next()),
         })
+    }
+}
+
+/// A page batch that passed [`PageBatch::check`] against a VM of `page_count` pages, with each
+/// entry's leaf. Checking is the costly part of taking a batch (one blake3 pass over its
+/// data), so a node checks batches as they arrive, on as many cores as it has connections,
+/// and hands the state machine only checked ones.
+#[derive(Debug, Clone)]
+pub struct CheckedBatch {
+    batch: PageBatch,
+    leaves: Vec<Hash>,
+    page_count: u64,
+}
+
+impl CheckedBatch {
+    /// The batch.
+    pub fn batch(&self) -> &PageBatch {
+        &self.batch
+    }
+
+    /// Each entry's leaf, in entry order.
+    pub fn leaves(&self) -> &[Hash] {
+        &self.leaves
+    }
+
+    /// The page count the batch was checked against.
+    pub fn page_count(&self) -> u64 {
+        self.page_count
+    }
+
+    /// The batch, its check forgotten (to reuse its buffer).
+    pub fn into_batch(self) -> PageBatch {
+        self.batch
     }
 }
 
@@ -340,6 +457,14 @@ pub enum AbortReason {
     Timeout,
     /// A party was removed from the roster.
     Revoked,
+    /// A frame did not decode (too large, empty, another version, not a frame).
+    Malformed,
+    /// The migration broke the target's progress deadlines
+    /// (see [`deadline`](crate::transfer::deadline)).
+    Stalled,
+    /// The source gave up: the guest dirties memory faster than the link carries it and the
+    /// user's fallback ended in abort (see [`convergence`](crate::transfer::convergence)).
+    NotConverging,
 }
 
 /// Ends a transfer before switchover; the VM stays on the source.
@@ -385,21 +510,14 @@ pub fn zero_leaf() -> Hash {
     *ZERO.get_or_init(|| Hash::of(&[0u8; PAGE_SIZE]))
 }
 
-/// The root over every page's leaf, in page order, and the device state's hash.
-pub fn memory_root(leaves: &[Hash], device: &Hash) -> Hash {
-    let mut h = blake3::Hasher::new();
-    h.update(b"drift/memory-root/v1");
-    h.update(&(leaves.len() as u64).to_le_bytes());
-    h.update(&(PAGE_SIZE as u64).to_le_bytes());
-    for leaf in leaves {
-        h.update(&leaf.0);
-    }
-    h.update(&device.0);
-    h.finalize().into()
-}
-
+pub mod convergence;
+pub mod deadline;
+mod leaves;
 pub mod receiver;
+pub mod recover;
 pub mod sender;
+
+pub use leaves::{memory_root, Leaves, LEAF_GROUP};
 
 #[cfg(test)]
 mod tests {
@@ -438,6 +556,21 @@ mod tests {
         let mut moved = batch;
         moved.entries[0].pfn = 1;
         assert_eq!(moved.check(10), Err(FrameError::BadHash));
+    }
+
+    #[test]
+    fn a_batch_filled_in_place_equals_one_built_from_pages() {
+        let pages = [page(1), page(0), page(3), page(0)];
+        let pfns = [4u64, 9, 2, 7];
+        let from_pages =
+            PageBatch::build(2, pfns.iter().copied().zip(pages.iter().map(|p| &p[..])));
+        let (filled, leaves) = PageBatch::build_with(2, &pfns, |pfn, out| {
+            let i = pfns.iter().position(|&p| p == pfn).unwrap_or(0);
+            out.copy_from_slice(&pages[i]);
+        });
+        assert_eq!(filled, from_pages);
+        assert_eq!(leaves, from_pages.checked_leaves(10).unwrap());
+        assert_eq!(filled.data.len(), 2 * PAGE_SIZE);
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //!     [*] --> AwaitStart
 //!     AwaitStart --> Copying: Start (id, offer, mode, page count as accepted)
 //!     Copying --> Copying: Pages(round), RoundEnd(round)
-//!     Copying --> AwaitComplete: DeviceState (pre-copy)
+//!     Copying --> AwaitComplete: DeviceState (pre-copy; hybrid with nothing stale)
 //!     Copying --> Switching: Stale (post-copy, hybrid)
 //!     Switching --> Switching: Stale
 //!     Switching --> PostCopy: DeviceState -> resume now
@@ -32,7 +32,7 @@ use crate::migration::Mode;
 use crate::signed::VerifyError;
 
 use super::{
-    memory_root, zero_leaf, Abort, AbortReason, FrameError, PageBatch, TransferFrame, PAGE_SIZE,
+    Abort, AbortReason, CheckedBatch, FrameError, Leaves, PageBatch, TransferFrame, PAGE_SIZE,
 };
 
 /// At most this many pre-copy rounds.
@@ -48,6 +48,8 @@ pub struct Accepted {
     pub mode: Mode,
     /// The VM's memory in pages, from the accepted offer.
     pub page_count: u64,
+    /// Data connections the decision granted (0: none).
+    pub data_connections: u32,
 }
 
 /// Where the transfer is.
@@ -102,6 +104,13 @@ pub enum ReceiveError {
     WrongRound { expected: u32, got: u32 },
     #[error("more than {MAX_ROUNDS} rounds")]
     TooManyRounds,
+    #[error("round {round} carried {pages} pages in {batches} batches; the VM has {page_count}")]
+    RoundTooLarge {
+        round: u32,
+        pages: u64,
+        batches: u64,
+        page_count: u64,
+    },
     #[error(transparent)]
     Frame(#[from] FrameError),
     #[error("stale range {start}+{len} is outside the VM's {page_count} pages")]
@@ -187,13 +196,17 @@ pub struct Receiver {
     accepted: Accepted,
     phase: Phase,
     round: u32,
-    leaves: Vec<Hash>,
+    leaves: Leaves,
     /// Post-copy: pages whose switchover version has not arrived.
     missing: Option<Bitmap>,
     device: Option<Hash>,
     /// Pages named stale so far: never more than the VM has, so stale ranges cost at most one
     /// pass over the VM's pages in all.
     stale_total: u64,
+    /// Pages and batches of the current pre-copy round: a round sends each page at most once,
+    /// so it carries at most `page_count` pages (in at most `page_count + 1` batches).
+    round_pages: u64,
+    round_batches: u64,
     stats: ReceiveStats,
 }
 
@@ -201,7 +214,7 @@ impl Receiver {
     /// A receiver for an accepted offer. `page_count` must already be within the target's
     /// admission limits (it sizes the leaf table: 32 bytes per page).
     pub fn new(accepted: Accepted) -> Self {
-        let leaves = vec![zero_leaf(); accepted.page_count as usize];
+        let leaves = Leaves::new(accepted.page_count);
         Self {
             accepted,
             phase: Phase::AwaitStart,
@@ -210,8 +223,15 @@ impl Receiver {
             missing: None,
             device: None,
             stale_total: 0,
+            round_pages: 0,
+            round_batches: 0,
             stats: ReceiveStats::default(),
         }
+    }
+
+    /// The VM's memory in pages, as accepted.
+    pub fn page_count(&self) -> u64 {
+        self.accepted.page_count
     }
 
     /// The current phase.
@@ -229,6 +249,26 @@ impl Receiver {
         self.missing
             .as_ref()
             .is_some_and(|m| pfn < self.accepted.page_count && m.get(pfn))
+    }
+
+    /// Post-copy: the pages that have not arrived yet, as runs `(start, len)` in page order.
+    pub fn missing_ranges(&self) -> Vec<(u64, u64)> {
+        let Some(m) = &self.missing else {
+            return Vec::new();
+        };
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (w, &word) in m.words.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let pfn = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                match out.last_mut() {
+                    Some((start, len)) if *start + *len == pfn => *len += 1,
+                    _ => out.push((pfn, 1)),
+                }
+            }
+        }
+        out
     }
 
     /// Post-copy: how many pages have not arrived yet.
@@ -281,19 +321,15 @@ impl Receiver {
                 if s.page_count != a.page_count {
                     return Err(ReceiveError::StartMismatch("page count"));
                 }
+                if s.data_connections > a.data_connections {
+                    return Err(ReceiveError::StartMismatch("data connections"));
+                }
                 self.phase = Copying;
                 Ok(Step::Continue)
             }
-            (Copying, TransferFrame::Pages(batch)) => {
-                self.expect_round(batch)?;
+            (Copying | PostCopy, TransferFrame::Pages(batch)) => {
                 let leaves = batch.checked_leaves(self.accepted.page_count)?;
-                let mut writes = Vec::with_capacity(leaves.len());
-                for ((pfn, data), leaf) in batch.pages().zip(leaves) {
-                    self.leaves[pfn as usize] = leaf;
-                    self.count(data);
-                    writes.push((pfn, data));
-                }
-                Ok(Step::WritePages(writes))
+                self.take_pages(batch, &leaves)
             }
             (Copying, TransferFrame::RoundEnd(r)) => {
                 if r.round != self.round {
@@ -303,7 +339,12 @@ impl Receiver {
                     });
                 }
                 self.round += 1;
+                self.round_pages = 0;
+                self.round_batches = 0;
                 self.stats.rounds = self.round;
+                // Between rounds, while the VM still runs at the source: the root at the
+                // switchover then hashes only the last round's groups.
+                self.leaves.refresh();
                 if self.round >= MAX_ROUNDS {
                     return Err(ReceiveError::TooManyRounds);
                 }
@@ -335,7 +376,14 @@ impl Receiver {
             (Copying | Switching, TransferFrame::DeviceState(d)) => {
                 d.check()?;
                 self.device = Some(d.hash);
-                if self.accepted.mode == Mode::PreCopy {
+                // A pre-copy ending: pre-copy, or hybrid whose rounds converged (nothing was
+                // named stale). The VM resumes here only once the root verified.
+                let pre_copy_ending = match self.accepted.mode {
+                    Mode::PreCopy => true,
+                    Mode::Hybrid => self.phase == Copying,
+                    Mode::PostCopy => false,
+                };
+                if pre_copy_ending {
                     self.phase = AwaitComplete;
                     Ok(Step::LoadDevice(&d.bytes))
                 } else {
@@ -344,25 +392,6 @@ impl Receiver {
                     self.phase = PostCopy;
                     Ok(Step::LoadDeviceAndResume(&d.bytes))
                 }
-            }
-            (PostCopy, TransferFrame::Pages(batch)) => {
-                let leaves = batch.checked_leaves(self.accepted.page_count)?;
-                let missing = self.missing.as_mut().expect("post-copy has a missing set");
-                let mut writes = Vec::new();
-                for ((pfn, data), leaf) in batch.pages().zip(leaves) {
-                    // Only the first copy of a missing page counts: the VM may already have
-                    // changed a page it holds, and a duplicate must not undo that.
-                    if missing.remove(pfn) {
-                        self.leaves[pfn as usize] = leaf;
-                        self.stats.pages += 1;
-                        match data {
-                            Some(d) => self.stats.bytes += d.len() as u64,
-                            None => self.stats.zero_pages += 1,
-                        }
-                        writes.push((pfn, data));
-                    }
-                }
-                Ok(Step::WritePages(writes))
             }
             (AwaitComplete | PostCopy, TransferFrame::Complete(signed)) => {
                 let c = signed
@@ -379,7 +408,7 @@ impl Receiver {
                     return Err(ReceiveError::PagesMissing(self.missing_count()));
                 }
                 let device = self.device.expect("device state precedes these phases");
-                let actual = memory_root(&self.leaves, &device);
+                let actual = self.leaves.root(&device);
                 if actual != c.root {
                     return Err(ReceiveError::BadRoot {
                         claimed: c.root,
@@ -399,6 +428,67 @@ impl Receiver {
             }
             (_, f) => Err(self.out_of_order(frame_name(f))),
         }
+    }
+
+    /// Takes a batch the node checked already ([`PageBatch::into_checked`]), as
+    /// [`Receiver::on_frame`] takes a `Pages` frame, without hashing it again.
+    pub fn on_checked<'a>(&mut self, checked: &'a CheckedBatch) -> Result<Step<'a>, ReceiveError> {
+        let result = match self.phase {
+            _ if checked.page_count() != self.accepted.page_count => {
+                Err(ReceiveError::StartMismatch("page count of a checked batch"))
+            }
+            Phase::Copying | Phase::PostCopy => self.take_pages(checked.batch(), checked.leaves()),
+            _ => Err(self.out_of_order("Pages")),
+        };
+        if result.is_err() {
+            self.phase = Phase::Aborted;
+        }
+        result
+    }
+
+    /// The pages of a checked batch, with their leaves, in phase `Copying` or `PostCopy`.
+    fn take_pages<'a>(
+        &mut self,
+        batch: &'a PageBatch,
+        leaves: &[Hash],
+    ) -> Result<Step<'a>, ReceiveError> {
+        if self.phase == Phase::Copying {
+            self.expect_round(batch)?;
+            let page_count = self.accepted.page_count;
+            self.round_pages = self.round_pages.saturating_add(batch.entries.len() as u64);
+            self.round_batches += 1;
+            if self.round_pages > page_count || self.round_batches > page_count + 1 {
+                return Err(ReceiveError::RoundTooLarge {
+                    round: self.round,
+                    pages: self.round_pages,
+                    batches: self.round_batches,
+                    page_count,
+                });
+            }
+            let mut writes = Vec::with_capacity(leaves.len());
+            for ((pfn, data), leaf) in batch.pages().zip(leaves) {
+                self.leaves.set(pfn, *leaf);
+                self.count(data);
+                writes.push((pfn, data));
+            }
+            return Ok(Step::WritePages(writes));
+        }
+        let missing = self.missing.as_mut().expect("post-copy has a missing set");
+        let mut writes = Vec::new();
+        for ((pfn, data), leaf) in batch.pages().zip(leaves) {
+            // Only the first copy of a missing page counts: the VM may already have changed
+            // a page it holds, and a duplicate must not undo that.
+            if missing.remove(pfn) {
+                self.leaves.set(pfn, *leaf);
+                self.stats.pages += 1;
+                match data {
+                    Some(d) => self.stats.bytes += d.len() as u64,
+                    None => self.stats.zero_pages += 1,
+                }
+                writes.push((pfn, data));
+            }
+        }
+        Ok(Step::WritePages(writes))
     }
 
     fn expect_round(&self, batch: &PageBatch) -> Result<(), ReceiveError> {
@@ -432,5 +522,7 @@ pub fn frame_name(f: &TransferFrame) -> &'static str {
         TransferFrame::Abort(_) => "Abort",
         TransferFrame::PageRequest(_) => "PageRequest",
         TransferFrame::Stale(_) => "Stale",
+        TransferFrame::Applied(_) => "Applied",
+        TransferFrame::Missing(_) => "Missing",
     }
 }

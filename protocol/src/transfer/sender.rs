@@ -7,6 +7,7 @@
 //!     Copying --> Switched: device state sent (post-copy, hybrid): the target may run the VM
 //!     Copying --> CompleteSent: Complete sent (pre-copy): the VM stays paused here
 //!     Switched --> CompleteSent: Complete sent, every page delivered
+//!     CompleteSent --> Switched: post-copy link recovered (Complete goes again)
 //!     CompleteSent --> Committed: Commit (signed by the target, same id and root)
 //!     Copying --> Aborted: Abort from the target, or a local failure
 //!     CompleteSent --> Aborted: Abort from the target (pre-copy: it will never run the VM)
@@ -52,6 +53,11 @@ pub enum SenderStep {
         reason: AbortReason,
         resume_here: bool,
     },
+    /// Pre-copy: the target applied every page of rounds up to this one.
+    Applied(u32),
+    /// Post-copy, on a recovered link: the target lacks these pages (runs `(start, len)`,
+    /// each within the VM); `done`: the last such frame.
+    Missing { ranges: Vec<(u64, u64)>, done: bool },
 }
 
 /// Why a frame from the target was refused.
@@ -73,6 +79,12 @@ pub enum SendError {
     CommitSignature(VerifyError),
     #[error("commit names root {got:?}, the source sent {sent:?}")]
     CommitRoot { sent: Hash, got: Hash },
+    #[error("missing range {start}+{len} is outside the VM's {page_count} pages")]
+    BadRange {
+        start: u64,
+        len: u64,
+        page_count: u64,
+    },
 }
 
 /// The source side of one transfer.
@@ -136,6 +148,15 @@ impl Sender {
         }
     }
 
+    /// Post-copy: the link broke and a new one carries the transfer on. A `Complete` sent on
+    /// the old link may never have arrived: it is sent again once the target's missing pages
+    /// are pushed. No effect before the handover or after the commit.
+    pub fn relinked(&mut self) {
+        if self.switched && self.phase == SenderPhase::CompleteSent {
+            self.phase = SenderPhase::Switched;
+        }
+    }
+
     /// The source gave up locally (cancel, error, timeout) before switchover. Returns whether
     /// the VM may resume here; `false` means the outcome must be resolved with the target.
     pub fn abandon(&mut self) -> bool {
@@ -153,6 +174,24 @@ impl Sender {
                 req.check(self.page_count)?;
                 Ok(SenderStep::ServePages(req.pfns.clone()))
             }
+            (Switched, TransferFrame::Missing(m)) => {
+                for &(start, len) in &m.ranges {
+                    if start
+                        .checked_add(len)
+                        .is_none_or(|end| end > self.page_count)
+                    {
+                        return Err(SendError::BadRange {
+                            start,
+                            len,
+                            page_count: self.page_count,
+                        });
+                    }
+                }
+                Ok(SenderStep::Missing {
+                    ranges: m.ranges.clone(),
+                    done: m.done,
+                })
+            }
             // A request racing with our Complete is harmless: every page is already sent.
             (CompleteSent, TransferFrame::PageRequest(req)) if self.switched => {
                 req.check(self.page_count)?;
@@ -162,6 +201,10 @@ impl Sender {
                 let commit = self.check_commit(signed)?;
                 self.phase = Committed;
                 Ok(SenderStep::Committed(commit))
+            }
+            // A late acknowledgement of the last round may cross the switchover.
+            (Copying | Switched | CompleteSent, TransferFrame::Applied(a)) => {
+                Ok(SenderStep::Applied(a.round))
             }
             (Copying | Switched | CompleteSent, TransferFrame::Abort(a)) => {
                 if a.id != self.id {
