@@ -111,8 +111,14 @@ pause_ms=$(arg drift.dirty_pause_ms 50)
 beat_ms=$(arg drift.heartbeat_ms 100)
 
 # Rewrites the region in place (same pages), MiB by MiB, with "<marker> pass=$1" lines, pausing
-# $2 ms after each MiB.
+# $2 ms after each MiB; with no pause, in one dd from one pipe (no process per MiB): as fast as
+# the guest can write.
 pass() {
+    if [ "$2" -eq 0 ]; then
+        yes "$marker pass=$1" |
+            dd of=/dirty/mem bs=1048576 count="$mib" iflag=fullblock conv=notrunc 2>/dev/null
+        return
+    fi
     yes "$marker pass=$1" | head -c 1048576 >/chunk
     i=0
     while [ $i -lt "$mib" ]; do
