@@ -12,7 +12,11 @@
 //!    newest report);
 //! 4. calls [`policy::decide`] with its own seeded RNG (power of two choices, so hosts deciding
 //!    at once spread over the eligible targets);
-//! 5. on a move, offers the VM to the target ([`Migrations::migrate`], pre-copy). The target's
+//! 5. on a move, plans it ([`crate::move_plan`]): the mode and the convergence settings from
+//!    the VM's measured dirty rate and the rate measured to the target; a VM predicted not to
+//!    move within its limits is not offered (and is left out of the choice for
+//!    `balance.cooldown`), and the host decides again without it;
+//! 6. offers the VM to the target ([`Migrations::migrate`]). The target's
 //!    admission has the last word. A target that refuses (or cannot be reached) is left out for
 //!    `balance.refusal_backoff` plus a random part of as much again, and the host decides again
 //!    at once without it, at most `balance.max_offers_per_decision` offers per interval; the
@@ -28,7 +32,7 @@
 //!     participant T as target admission
 //!     A->>A: sample, track, decide (seeded)
 //!     A->>M: migrate(vm, target, pre-copy)
-//!     M->>T: Signed<MigrationOffer> on /drift/migrate/1
+//!     M->>T: Signed<MigrationOffer> on /drift/migrate/2
 //!     T-->>M: Signed<MigrationDecision> (accept | reject + reason)
 //!     alt accepted
 //!         M-->>A: migration id; the transfer runs on the same stream
@@ -49,7 +53,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use drift_protocol::migration::{Mode, VmSummary};
+use drift_protocol::migration::VmSummary;
 use drift_protocol::policy::{
     self, Decision, HostView, HostedVm, LoadTracker, LocalState, Outcome, PolicyConfig,
 };
@@ -104,6 +108,9 @@ pub enum Action {
     },
     /// The migration could not start on this node (for example, the VM is already migrating).
     Failed { error: String },
+    /// The VM is predicted not to move within its limits (see the plan); it is left out of
+    /// the choice until `retry_after`.
+    Unmovable { retry_after: Timestamp },
 }
 
 impl Action {
@@ -115,12 +122,13 @@ impl Action {
             Action::Refused { .. } => "refused",
             Action::Unreachable { .. } => "unreachable",
             Action::Failed { .. } => "failed",
+            Action::Unmovable { .. } => "unmovable",
         }
     }
 }
 
 /// One decision of this host, as `drift decisions` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DecisionRecord {
     /// Grows by one per entry.
     pub seq: u64,
@@ -133,6 +141,9 @@ pub struct DecisionRecord {
     pub decision: Decision,
     /// The decision in words (as logged).
     pub explanation: String,
+    /// How the move was (or would have been) made, and why.
+    #[serde(default)]
+    pub plan: Option<crate::move_plan::MovePlan>,
     /// Hosts left out of the choice because they refused (or could not be reached) recently.
     pub backing_off: Vec<NodeId>,
     /// What came of it.
@@ -226,6 +237,7 @@ impl DecisionLog {
         explanation: String,
         action: Action,
         backing_off: Vec<NodeId>,
+        plan: Option<crate::move_plan::MovePlan>,
     ) -> (u64, bool) {
         let mut inner = self.lock();
         if let Some(last) = inner.records.back_mut() {
@@ -247,6 +259,7 @@ impl DecisionLog {
             repeated: 1,
             decision,
             explanation,
+            plan,
             backing_off,
             action,
         });
@@ -310,6 +323,10 @@ pub struct Autopilot {
     backoff: BTreeMap<NodeId, Timestamp>,
     sent: VecDeque<Sent>,
     in_flight: Option<InFlight>,
+    /// Dirty rates of this host's VMs and rates to targets, as measured.
+    meter: crate::move_plan::Meter,
+    /// VMs predicted not to move within their limits, left out until the given time.
+    unmovable: BTreeMap<VmId, Timestamp>,
 }
 
 impl Autopilot {
@@ -333,6 +350,8 @@ impl Autopilot {
             backoff: BTreeMap::new(),
             sent: VecDeque::new(),
             in_flight: None,
+            meter: Default::default(),
+            unmovable: BTreeMap::new(),
         }
     }
 
@@ -372,15 +391,22 @@ impl Autopilot {
             debug!(vm = %f.name, target = %f.target.short(), load, "a move is running; not deciding");
             return;
         }
+        self.meter.sample(&self.state.vms.list().await);
+        self.unmovable.retain(|_, until| *until > now);
         let roster = self.state.roster().roster.clone();
-        let vms = self.local_vms();
+        let all_vms = self.local_vms();
         let views = self.views(&roster);
-        let me = LocalState {
-            id: self.state.me,
-            assessment,
-            vms: &vms,
-        };
         for _ in 0..self.settings.max_offers_per_decision {
+            let vms: Vec<HostedVm> = all_vms
+                .iter()
+                .filter(|v| !self.unmovable.contains_key(&v.summary.id))
+                .cloned()
+                .collect();
+            let me = LocalState {
+                id: self.state.me,
+                assessment,
+                vms: &vms,
+            };
             let table: Vec<HostView> = views
                 .iter()
                 .filter(|v| !self.backoff.contains_key(&v.node))
@@ -394,24 +420,32 @@ impl Autopilot {
                 .collect();
             let decision = policy::decide(&self.policy, &me, &roster, &table, now, &mut self.rng);
             let Outcome::Move { vm, target, .. } = &decision.outcome else {
-                self.record(decision, Action::None, backing_off);
+                self.record(decision, Action::None, backing_off, None);
                 return;
             };
+            let (vm_id, vm_name, target_id) = (vm.vm, vm.name.clone(), target.target.node);
+            let (plan, params) = self.plan(&vms, &vm_id, &target_id);
+            if !plan.moves() {
+                let retry_after = now.plus_millis(self.policy.cooldown_ms);
+                self.unmovable.insert(vm_id, retry_after);
+                info!(vm = %vm_name, %plan, "predicted not to move within its limits; deciding again without it");
+                self.record(
+                    decision,
+                    Action::Unmovable { retry_after },
+                    backing_off,
+                    Some(plan),
+                );
+                continue;
+            }
             if self.settings.dry_run {
-                self.record(decision, Action::DryRun, backing_off);
+                self.record(decision, Action::DryRun, backing_off, Some(plan));
                 return;
             }
-            let (vm_id, vm_name, target_id) = (vm.vm, vm.name.clone(), target.target.node);
             let target_demand = target.target.vm_demand_permille;
             let (vm_arg, target_arg) = (vm_id.to_string(), target_id.to_string());
             let started = tokio::select! {
                 _ = cancel.cancelled() => return,
-                r = self.migrations.migrate(
-                    &vm_arg,
-                    &target_arg,
-                    Mode::PreCopy,
-                    SourceParams::default(),
-                ) => r,
+                r = self.migrations.migrate(&vm_arg, &target_arg, params) => r,
             };
             match started {
                 Ok(id) => {
@@ -422,6 +456,7 @@ impl Autopilot {
                             state: "running".into(),
                         },
                         backing_off,
+                        Some(plan),
                     );
                     if self.sent.len() == MAX_SENT {
                         self.sent.pop_front();
@@ -457,6 +492,7 @@ impl Autopilot {
                             retry_after,
                         },
                         backing_off,
+                        Some(plan.clone()),
                     );
                 }
                 Err(e @ (MigrateError::Unreachable(_) | MigrateError::BadDecision(_))) => {
@@ -474,6 +510,7 @@ impl Autopilot {
                             retry_after,
                         },
                         backing_off,
+                        Some(plan.clone()),
                     );
                 }
                 Err(e) => {
@@ -484,6 +521,7 @@ impl Autopilot {
                             error: e.to_string(),
                         },
                         backing_off,
+                        Some(plan),
                     );
                     return;
                 }
@@ -523,6 +561,11 @@ impl Autopilot {
             warn!(vm = %f.name, target = %f.target.short(), "a move runs for long; deciding again meanwhile");
         } else if state == "committed" {
             info!(vm = %f.name, target = %f.target.short(), "move committed");
+            let moved = self.migrations.list().into_iter().find(|m| m.id == f.id);
+            if let Some(p) = moved.and_then(|m| m.progress) {
+                self.meter
+                    .learn_link(f.target, p.bytes_sent, p.total_ms.unwrap_or(0.0));
+            }
         } else {
             info!(vm = %f.name, target = %f.target.short(), %state, "move did not complete");
             self.back_off(f.target, now);
@@ -584,19 +627,45 @@ impl Autopilot {
             .collect()
     }
 
+    /// How to move `vm` to `target`: mode and convergence settings from the measured rates.
+    fn plan(
+        &self,
+        vms: &[HostedVm],
+        vm: &VmId,
+        target: &NodeId,
+    ) -> (crate::move_plan::MovePlan, SourceParams) {
+        let (memory_mib, configured) = vms
+            .iter()
+            .find(|v| &v.summary.id == vm)
+            .map_or((0, 0), |v| (v.summary.memory_mib, v.dirty_pages_per_s));
+        crate::move_plan::plan(
+            memory_mib,
+            self.meter.dirty_rate(vm, configured),
+            self.meter
+                .link_rate(target, self.policy.migration.bandwidth_mib_per_s),
+            crate::migration::engine::DEFAULT_SWITCHOVER_COST.as_secs_f64() * 1e3,
+            &self.migrations.default_limits(),
+            self.settings.allow_postcopy,
+        )
+    }
+
     /// Logs a decision and keeps it for the API.
     fn record(
         &mut self,
         decision: Decision,
         action: Action,
         backing_off: Vec<NodeId>,
+        plan: Option<crate::move_plan::MovePlan>,
     ) -> (u64, bool) {
-        let explanation = decision.to_string();
+        let explanation = match &plan {
+            Some(p) => format!("{decision}; {p}"),
+            None => decision.to_string(),
+        };
         let quiet = matches!(decision.outcome, Outcome::Stay);
         let label = action.label();
         let (seq, new) = self
             .log
-            .push(decision, explanation.clone(), action, backing_off);
+            .push(decision, explanation.clone(), action, backing_off, plan);
         if new && !quiet {
             info!(seq, action = label, "{explanation}");
         } else {
@@ -644,9 +713,9 @@ mod tests {
         };
         let log = DecisionLog::new(&settings);
         let stay = |at| decision(LoadState::Normal, Outcome::Stay, at);
-        let (a, new) = log.push(stay(1), "s".into(), Action::None, vec![]);
+        let (a, new) = log.push(stay(1), "s".into(), Action::None, vec![], None);
         assert!(new);
-        let (b, new) = log.push(stay(2), "s".into(), Action::None, vec![]);
+        let (b, new) = log.push(stay(2), "s".into(), Action::None, vec![], None);
         assert!(!new);
         assert_eq!(a, b);
         let snap = log.snapshot();
@@ -666,14 +735,14 @@ mod tests {
                 at,
             )
         };
-        log.push(novm(3), "n".into(), Action::None, vec![]);
+        log.push(novm(3), "n".into(), Action::None, vec![], None);
         let refused = || Action::Refused {
             label: "busy".into(),
             reason: "busy".into(),
             retry_after: Timestamp(9),
         };
-        log.push(novm(4), "n".into(), refused(), vec![]);
-        let (last, new) = log.push(novm(5), "n".into(), refused(), vec![]);
+        log.push(novm(4), "n".into(), refused(), vec![], None);
+        let (last, new) = log.push(novm(5), "n".into(), refused(), vec![], None);
         assert!(new);
         let snap = log.snapshot();
         assert_eq!(snap.len(), 3, "bounded by decisions_kept");

@@ -1,8 +1,8 @@
 //! `drift run`: starts every part of a node in order and stops them in reverse.
 //!
 //! Start: key → state directory → roster (the newer of the configured file and the last
-//! adopted one, both verified against the admin key) → peer table → mesh → migrations →
-//! monitor → balancing autopilot (unless `balance.enabled = false`) → admin API.
+//! adopted one, both verified against the admin key) → peer table → mesh → data plane →
+//! migrations → monitor → balancing autopilot (unless `balance.enabled = false`) → admin API.
 //! Stop (SIGINT/SIGTERM or [`Running::shutdown`]): one cancellation token stops every task;
 //! the node waits for each, then removes its socket. Every file it writes is written atomically,
 //! so stopping at any point leaves nothing half-written.
@@ -56,6 +56,8 @@ pub enum StartError {
     Locked(PathBuf),
     #[error(transparent)]
     Migrations(#[from] crate::migration::service::ServiceError),
+    #[error(transparent)]
+    Data(#[from] crate::dataplane::DataPlaneError),
 }
 
 /// A started node.
@@ -206,11 +208,53 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         }
     };
 
+    let data = if config.data.enabled {
+        let data_config = crate::dataplane::DataConfig {
+            listen: config.data.listen_addr(&config.node.listen),
+            advertise: config.data.advertise.clone(),
+            connections: config.data.connections(),
+        };
+        match crate::dataplane::DataPlane::start(
+            data_config,
+            key.clone(),
+            state.clone(),
+            cancel.clone(),
+        )
+        .await
+        {
+            Ok((plane, task)) => {
+                tasks.spawn(
+                    async move {
+                        let _ = task.await;
+                    }
+                    .instrument(span.clone()),
+                );
+                Some(plane)
+            }
+            Err(e) => {
+                cancel.cancel();
+                while tasks.join_next().await.is_some() {}
+                return Err(e.into());
+            }
+        }
+    } else {
+        info!("data plane off (data.enabled = false): migrations move on the mesh");
+        None
+    };
+
     let migrations = match crate::migration::service::Migrations::new(
         state.clone(),
         client.clone(),
         key.clone(),
         config.qemu.image_dirs.clone(),
+        data,
+        crate::migration::service::ServiceLimits {
+            migration: config.migration.limits(),
+            ..crate::migration::service::ServiceLimits::from_config(
+                &config.admission,
+                &config.balance.policy(),
+            )
+        },
         cancel.clone(),
     ) {
         Ok(m) => m,

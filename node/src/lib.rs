@@ -8,6 +8,8 @@
 //! - [`cli`]: one module per subcommand; parses arguments and prints results.
 //! - [`identity`]: key files (created 0600, refused when readable by others) and roster files
 //!   (the editable draft and the admin-signed roster).
+//! - [`dataplane`]: the TLS 1.3 connections (raw node keys) that carry migrations' bytes,
+//!   each bound to one accepted offer before a byte of the VM crosses it.
 //! - [`durable`]: atomic, durable file writes (temp file, fsync, rename, fsync directory), so a
 //!   crash never leaves a half-written key, roster or state file.
 
@@ -20,12 +22,14 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod dataplane;
 pub mod durable;
 pub mod hypervisor;
 pub mod identity;
 pub mod mesh;
 pub mod migration;
 pub mod monitor;
+pub mod move_plan;
 pub mod state;
 pub mod table;
 pub mod testnet;

@@ -46,7 +46,8 @@ pub struct TestnetArgs {
     /// Directory for keys, roster, configs, logs and state (reused across runs).
     #[arg(long, default_value = "drift-testnet")]
     pub dir: PathBuf,
-    /// First TCP port (node i listens on base + i - 1); 0 picks free ports.
+    /// First TCP port (node i's mesh listens on base + i - 1, its data plane on base + N +
+    /// i - 1); 0 picks free ports.
     #[arg(long, default_value_t = 0)]
     pub base_port: u16,
     /// Wait for full convergence, print the table and exit (0 on success).
@@ -157,6 +158,8 @@ pub struct TestnetNode {
     pub config: PathBuf,
     pub socket: PathBuf,
     pub port: u16,
+    /// The data plane's port (`[data] listen`).
+    pub data_port: u16,
 }
 
 const REGIONS: [(&str, &str); 3] = [("eu-west", "fr"), ("eu-central", "de"), ("us-east", "us")];
@@ -234,19 +237,21 @@ pub fn generate_with(
         .canonicalize()
         .with_context(|| format!("resolving {}", dir.display()))?;
     let admin = key_at(&dir.join("admin.key"))?;
+    // Mesh ports first, then the data ports.
     let ports = if base_port == 0 {
-        free_ports(nodes)?
+        free_ports(2 * nodes)?
     } else {
-        (0..nodes)
+        (0..2 * nodes)
             .map(|i| {
                 base_port
                     .checked_add(i as u16)
-                    .context("--base-port + --nodes exceeds 65535")
+                    .context("--base-port + 2 x --nodes exceeds 65535")
             })
             .collect::<anyhow::Result<_>>()?
     };
+    let (ports, data_ports) = ports.split_at(nodes);
     let mut out = Vec::new();
-    for (i, port) in ports.iter().enumerate() {
+    for (i, (port, data_port)) in ports.iter().zip(data_ports).enumerate() {
         let name = format!("node-{}", i + 1);
         let ndir = dir.join(&name);
         fs::create_dir_all(&ndir)?;
@@ -258,6 +263,7 @@ pub fn generate_with(
             socket: ndir.join("drift.sock"),
             dir: ndir,
             port: *port,
+            data_port: *data_port,
         });
     }
     let draft = RosterDraft {
@@ -317,6 +323,8 @@ pub fn generate_with(
              bootstrap = [\n{bootstrap}]\n\n\
              [control]\n\
              socket = \"drift.sock\"\n\n\
+             [data]\n\
+             listen = \"127.0.0.1:{data_port}\"\n\n\
              [load]\n\
              interval = \"{interval}\"\n\
              source = \"synthetic\"\n\
@@ -331,6 +339,7 @@ pub fn generate_with(
             name = n.name,
             admin = admin.public(),
             port = n.port,
+            data_port = n.data_port,
             interval = humantime::format_duration(interval),
             suspect = humantime::format_duration(interval * 5),
             gone = humantime::format_duration(interval * 15),

@@ -71,6 +71,168 @@ pub fn append_config(config: &std::path::Path, extra: &str) {
     std::fs::write(config, format!("{text}\n{extra}\n")).expect("write config");
 }
 
+/// Sets the `[data]` section's keys of a generated node config (each `key = value` line
+/// replaces a line for the same key, or is added to the section).
+pub fn set_data_config(config: &std::path::Path, entries: &[(&str, String)]) {
+    let text = std::fs::read_to_string(config).expect("read config");
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let start = lines
+        .iter()
+        .position(|l| l.trim() == "[data]")
+        .expect("config has a [data] section");
+    for (key, value) in entries {
+        let end = lines[start + 1..]
+            .iter()
+            .position(|l| l.trim_start().starts_with('['))
+            .map_or(lines.len(), |p| start + 1 + p);
+        let line = format!("{key} = {value}");
+        match lines[start + 1..end]
+            .iter()
+            .position(|l| l.split('=').next().is_some_and(|k| k.trim() == *key))
+        {
+            Some(p) => lines[start + 1 + p] = line,
+            None => lines.insert(start + 1, line),
+        }
+    }
+    std::fs::write(config, lines.join("\n") + "\n").expect("write config");
+}
+
+/// The config of an outsider in `dir`: a member's generated config with the outsider's `key`,
+/// state and socket of its own, `insecure_open` (it does not check the roster, so it tries to
+/// connect), and any free mesh and data ports. Returns its path.
+pub fn outsider_config(
+    member_config: &std::path::Path,
+    dir: &std::path::Path,
+    key: &drift_protocol::SecretKey,
+) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("create the outsider's dir");
+    drift_node::identity::write_key(
+        &dir.join("node.key"),
+        key,
+        drift_node::durable::Overwrite::Refuse,
+    )
+    .expect("write the outsider's key");
+    let mut text = std::fs::read_to_string(member_config)
+        .expect("read the member's config")
+        .replace(
+            "key = \"node.key\"",
+            &format!("key = \"{}\"", dir.join("node.key").display()),
+        )
+        .replace(
+            "state_dir = \"state\"",
+            &format!("state_dir = \"{}\"", dir.join("state").display()),
+        )
+        .replace(
+            "socket = \"drift.sock\"",
+            &format!("socket = \"{}\"", dir.join("o.sock").display()),
+        )
+        .replace("[node]\n", "[node]\ninsecure_open = true\n");
+    let listen_start = text
+        .find("listen = [")
+        .expect("config has a mesh listen list");
+    let listen_end = listen_start + text[listen_start..].find("]\n").expect("listen list ends") + 2;
+    text.replace_range(
+        listen_start..listen_end,
+        "listen = [\"/ip4/127.0.0.1/tcp/0\"]\n",
+    );
+    let config = dir.join("drift.toml");
+    std::fs::write(&config, text).expect("write the outsider's config");
+    // The member's data port is the member's: the outsider takes any free one.
+    set_data_config(&config, &[("listen", "\"127.0.0.1:0\"".into())]);
+    config
+}
+
+/// An offer of a 1 MiB VM named `probe` from `source` to `target`, issued at `issued_at`, valid
+/// for `ttl_ms`, asking for `data_connections`: what adversarial tests offer.
+pub fn probe_offer(
+    source: drift_protocol::NodeId,
+    target: drift_protocol::NodeId,
+    issued_at: drift_protocol::Timestamp,
+    ttl_ms: u64,
+    data_connections: u32,
+) -> drift_protocol::MigrationOffer {
+    use drift_protocol::migration::{Mode, Placement, VmSummary};
+    use rand_core::OsRng;
+    drift_protocol::MigrationOffer {
+        id: drift_protocol::MigrationId::random(&mut OsRng),
+        source,
+        target,
+        vm: VmSummary {
+            id: drift_protocol::VmId::random(&mut OsRng),
+            name: "probe".into(),
+            memory_mib: 1,
+            vcpus: 1,
+            demand_permille: 10,
+            placement: Placement::default(),
+            qemu: None,
+        },
+        mode: Mode::PreCopy,
+        nonce: [7; 16],
+        issued_at,
+        expires_at: issued_at.plus_millis(ttl_ms),
+        roster_epoch: 1,
+        data_connections,
+    }
+}
+
+/// A stream of the mesh, as the adversarial tests speak on it.
+pub type Stream = tokio_util::compat::Compat<libp2p::Stream>;
+
+/// Opens a `proto` stream to `to` on `mesh`.
+pub async fn open(
+    mesh: &drift_node::mesh::Client,
+    to: &drift_protocol::NodeId,
+    proto: libp2p::StreamProtocol,
+) -> Stream {
+    use tokio_util::compat::FuturesAsyncReadCompatExt;
+    let mut control = mesh.streams();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        control.open_stream(drift_node::mesh::peer_id(to), proto),
+    )
+    .await
+    .expect("stream opens in time")
+    .expect("stream opens")
+    .compat()
+}
+
+/// Sends an offer on a new migration stream; returns the stream and the target's decision,
+/// if it sent one.
+pub async fn send_offer(
+    mesh: &drift_node::mesh::Client,
+    to: &drift_protocol::NodeId,
+    signed: &drift_protocol::Signed<drift_protocol::MigrationOffer>,
+) -> (Stream, Option<drift_protocol::MigrationDecision>) {
+    use drift_node::migration::frames::{read_typed, write_typed};
+    let mut s = open(mesh, to, drift_node::migration::service::PROTOCOL).await;
+    write_typed(&mut s, signed).await.expect("offer sent");
+    let decision = tokio::time::timeout(
+        Duration::from_secs(10),
+        read_typed::<_, drift_protocol::Signed<drift_protocol::MigrationDecision>>(
+            &mut s,
+            64 * 1024,
+        ),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok)
+    .map(|d| d.verify_by(to).expect("decision signed by the target"));
+    (s, decision)
+}
+
+/// The `reason` of every audit event of kind `event` (`Refused`, `Abort`) in the log of the
+/// node of `config`, oldest first.
+pub fn audited(config: &std::path::Path, event: &str) -> Vec<String> {
+    let config = config.to_str().expect("utf-8 path");
+    drift_ok(&["audit", "show", "--json", "--config", config])
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            Some(v["event"].get(event)?["reason"].as_str()?.to_string())
+        })
+        .collect()
+}
+
 /// Polls `cond` until it returns `Some` or `timeout` passes.
 pub fn wait_until<T>(
     timeout: Duration,
@@ -137,9 +299,10 @@ pub async fn recording_proxy(to: u16, seen: Arc<Mutex<Vec<u8>>>) -> u16 {
     port
 }
 
-/// Two started, converged nodes whose only connection runs through a [`recording_proxy`]
-/// (node-1 dials nobody; node-2 reaches node-1 through the proxy), and the recording. The
-/// proxy lives on `rt`; `extra_config` is appended to both nodes' configs.
+/// Two started, converged nodes whose only connections run through [`recording_proxy`]s, and
+/// the recording: node-1 dials nobody, node-2 reaches node-1's mesh through one proxy, and each
+/// node announces a proxy in front of its own data port, so data connections either way are
+/// recorded too. The proxies live on `rt`; `extra_config` is appended to both nodes' configs.
 pub fn tapped_pair(
     rt: &tokio::runtime::Runtime,
     extra_config: &str,
@@ -150,6 +313,13 @@ pub fn tapped_pair(
     }
     let seen = Arc::new(Mutex::new(Vec::new()));
     let proxy = rt.block_on(recording_proxy(c.nodes[0].node.port, seen.clone()));
+    for n in &c.nodes {
+        let data = rt.block_on(recording_proxy(n.node.data_port, seen.clone()));
+        set_data_config(
+            &n.node.config,
+            &[("advertise", format!("[\"127.0.0.1:{data}\"]"))],
+        );
+    }
     let node1_peer = drift_node::mesh::peer_id(&c.nodes[0].node.id);
     set_bootstrap(&c.nodes[0].node.config, &[]);
     set_bootstrap(

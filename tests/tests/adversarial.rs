@@ -205,36 +205,7 @@ fn bad_reports_are_refused_counted_unforwarded_and_outsiders_cannot_connect() {
 
     // An outsider (key not in the roster) dials X: refused at connection level.
     let dir = c.path().join("outsider");
-    std::fs::create_dir_all(&dir).unwrap();
-    drift_node::identity::write_key(
-        &dir.join("node.key"),
-        &outsider,
-        drift_node::durable::Overwrite::Refuse,
-    )
-    .unwrap();
-    let mut text = std::fs::read_to_string(&c.nodes[7].node.config).unwrap();
-    text = text
-        .replace(
-            "key = \"node.key\"",
-            &format!("key = \"{}\"", dir.join("node.key").display()),
-        )
-        .replace(
-            "state_dir = \"state\"",
-            &format!("state_dir = \"{}\"", dir.join("state").display()),
-        )
-        .replace(
-            "socket = \"drift.sock\"",
-            &format!("socket = \"{}\"", dir.join("o.sock").display()),
-        )
-        .replace("[node]\n", "[node]\ninsecure_open = true\n");
-    let listen_start = text.find("listen = [").unwrap();
-    let listen_end = listen_start + text[listen_start..].find("]\n").unwrap() + 2;
-    text.replace_range(
-        listen_start..listen_end,
-        "listen = [\"/ip4/127.0.0.1/tcp/0\"]\n",
-    );
-    let outsider_config = dir.join("drift.toml");
-    std::fs::write(&outsider_config, text).unwrap();
+    let outsider_config = drift_tests::outsider_config(&c.nodes[7].node.config, &dir, &outsider);
     let denied_before = c.status(0).unwrap().connections_denied;
     let intruder = rt
         .block_on(daemon::start(Config::load(&outsider_config).unwrap()))

@@ -1,6 +1,7 @@
-//! Nothing of a guest's memory crosses the wire in clear: every byte between two nodes passes
-//! through a recording proxy on loopback while a VM migrates, and the canary string that the
-//! guest keeps in its memory never appears in the recording.
+//! Nothing of a guest's memory crosses the wire in clear: every byte between two nodes (their
+//! mesh connection and their data connections) passes through recording proxies on loopback
+//! while a VM migrates, and the canary string that the guest keeps in its memory never appears
+//! in the recording.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -32,6 +33,14 @@ fn no_guest_memory_crosses_the_wire_in_clear() {
         &sock(0),
     ]);
     assert!(out.contains("committed"), "{out}");
+    // It moved on the data plane (TLS), not on the mesh stream.
+    let migrations: serde_json::Value =
+        serde_json::from_str(&drift_ok(&["migrations", "--json", "--socket", &sock(0)])).unwrap();
+    let transport = migrations["migrations"][0]["progress"]["transport"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(transport.starts_with("data: "), "{transport}");
     let ok = drift_ok(&["vm", "verify", "secret", "--socket", &sock(1)]);
     assert!(ok.starts_with("ok:"), "{ok}");
 

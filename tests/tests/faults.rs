@@ -19,6 +19,8 @@
 //! Post-copy is the exception the design names: once the target runs the VM, losing the
 //! source loses the pages it had not pushed yet. That case asserts exactly that: the target
 //! reports the migration incomplete and the VM lacking pages, and the source does not run it.
+//! Losing only the link is not losing the source: a post-copy migration whose connections are
+//! cut after the switchover carries on over a new link (`/drift/recover/1`) and commits.
 //!
 //! `DRIFT_FAULT_RUNS` (default 1) repeats every case; each case prints its runs and outcomes.
 
@@ -429,6 +431,25 @@ fn faults_after_commit_sent() {
             ),
         ],
     );
+}
+
+#[test]
+fn postcopy_recovers_over_a_new_link_when_its_connections_are_cut_after_switchover() {
+    let n = runs();
+    for run in 0..n {
+        let name = format!("post-copy/cut run {}", run + 1);
+        let outcome = run_case(
+            &name,
+            "postcopy",
+            Strike::SelfFault {
+                node: SOURCE,
+                spec: "source:post-copy:cut",
+            },
+            Some(Expect::Target),
+        );
+        println!("{name}: the VM moved over a recovered link ({outcome})");
+    }
+    println!("post-copy/cut: {n} runs, every one recovered");
 }
 
 #[test]

@@ -4,7 +4,7 @@
 //! the migration's source, and a non-member's connection.
 //!
 //! X is a `drift run` process; the adversary is a roster member running in this test process,
-//! speaking `/drift/migrate/1` with frames it builds itself. X must refuse each request, keep
+//! speaking `/drift/migrate/2` with frames it builds itself. X must refuse each request, keep
 //! nothing of it (no incoming VM, no reservation), audit it, and keep serving.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
@@ -15,96 +15,24 @@ use drift_node::config::Config;
 use drift_node::daemon;
 use drift_node::identity::read_key;
 use drift_node::mesh::peer_id;
-use drift_node::migration::frames::{read_typed, write_frame, write_typed};
+use drift_node::migration::frames::{write_frame, write_typed};
 use drift_node::migration::service::{PROTOCOL, RESOLVE_PROTOCOL};
-use drift_protocol::migration::{
-    MigrationDecision, MigrationOffer, Mode, Placement, ResolveQuery, Verdict, VmSummary,
-};
+use drift_protocol::migration::{MigrationOffer, Mode, ResolveQuery, Verdict};
 use drift_protocol::transfer::{Start, TransferFrame, PAGE_SIZE};
-use drift_protocol::{Hash, MigrationId, NodeId, SecretKey, Signed, Timestamp, VmId};
-use drift_tests::{drift_ok, wait_until, Cluster};
+use drift_protocol::{Hash, NodeId, SecretKey, Signed, Timestamp};
+use drift_tests::{drift_ok, open, send_offer, wait_until, Cluster};
 use rand_core::OsRng;
-use tokio_util::compat::FuturesAsyncReadCompatExt;
-
-type Stream = tokio_util::compat::Compat<libp2p::Stream>;
 
 fn offer(source: NodeId, target: NodeId, issued_at: Timestamp, ttl_ms: u64) -> MigrationOffer {
-    MigrationOffer {
-        id: MigrationId::random(&mut OsRng),
-        source,
-        target,
-        vm: VmSummary {
-            id: VmId::random(&mut OsRng),
-            name: "probe".into(),
-            memory_mib: 1,
-            vcpus: 1,
-            demand_permille: 10,
-            placement: Placement::default(),
-            qemu: None,
-        },
-        mode: Mode::PreCopy,
-        nonce: [7; 16],
-        issued_at,
-        expires_at: issued_at.plus_millis(ttl_ms),
-        roster_epoch: 1,
-    }
-}
-
-async fn open(
-    mesh: &drift_node::mesh::Client,
-    to: &NodeId,
-    proto: libp2p::StreamProtocol,
-) -> Stream {
-    let mut control = mesh.streams();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        control.open_stream(peer_id(to), proto),
-    )
-    .await
-    .expect("stream opens in time")
-    .expect("stream opens")
-    .compat()
-}
-
-/// Sends an offer on a new stream; returns the stream and X's decision, if it sent one.
-async fn send_offer(
-    mesh: &drift_node::mesh::Client,
-    to: &NodeId,
-    signed: &Signed<MigrationOffer>,
-) -> (Stream, Option<MigrationDecision>) {
-    let mut s = open(mesh, to, PROTOCOL).await;
-    write_typed(&mut s, signed).await.unwrap();
-    let decision = tokio::time::timeout(
-        Duration::from_secs(10),
-        read_typed::<_, Signed<MigrationDecision>>(&mut s, 64 * 1024),
-    )
-    .await
-    .ok()
-    .and_then(Result::ok)
-    .map(|d| d.verify_by(to).unwrap());
-    (s, decision)
+    drift_tests::probe_offer(source, target, issued_at, ttl_ms, 0)
 }
 
 fn refusals(c: &Cluster) -> Vec<String> {
-    let config = c.nodes[0].node.config.to_str().unwrap();
-    drift_ok(&["audit", "show", "--json", "--config", config])
-        .lines()
-        .filter_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).ok()?;
-            Some(v["event"].get("Refused")?["reason"].as_str()?.to_string())
-        })
-        .collect()
+    drift_tests::audited(&c.nodes[0].node.config, "Refused")
 }
 
 fn aborts(c: &Cluster) -> Vec<String> {
-    let config = c.nodes[0].node.config.to_str().unwrap();
-    drift_ok(&["audit", "show", "--json", "--config", config])
-        .lines()
-        .filter_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).ok()?;
-            Some(v["event"].get("Abort")?["reason"].as_str()?.to_string())
-        })
-        .collect()
+    drift_tests::audited(&c.nodes[0].node.config, "Abort")
 }
 
 fn wait_for(
@@ -180,6 +108,7 @@ fn bad_migration_requests_are_refused_and_audited() {
         mode: Mode::PreCopy,
         page_size: PAGE_SIZE as u32,
         page_count: 256,
+        data_connections: 0,
     });
     rt.block_on(write_frame(&mut s, &wrong)).unwrap();
     wait_for(
@@ -251,36 +180,7 @@ fn bad_migration_requests_are_refused_and_audited() {
 
     // 7. A non-member cannot even connect; the refusal is audited too.
     let dir = c.path().join("outsider");
-    std::fs::create_dir_all(&dir).unwrap();
-    drift_node::identity::write_key(
-        &dir.join("node.key"),
-        &outsider,
-        drift_node::durable::Overwrite::Refuse,
-    )
-    .unwrap();
-    let mut text = std::fs::read_to_string(&c.nodes[1].node.config).unwrap();
-    text = text
-        .replace(
-            "key = \"node.key\"",
-            &format!("key = \"{}\"", dir.join("node.key").display()),
-        )
-        .replace(
-            "state_dir = \"state\"",
-            &format!("state_dir = \"{}\"", dir.join("state").display()),
-        )
-        .replace(
-            "socket = \"drift.sock\"",
-            &format!("socket = \"{}\"", dir.join("o.sock").display()),
-        )
-        .replace("[node]\n", "[node]\ninsecure_open = true\n");
-    let listen_start = text.find("listen = [").unwrap();
-    let listen_end = listen_start + text[listen_start..].find("]\n").unwrap() + 2;
-    text.replace_range(
-        listen_start..listen_end,
-        "listen = [\"/ip4/127.0.0.1/tcp/0\"]\n",
-    );
-    let outsider_config = dir.join("drift.toml");
-    std::fs::write(&outsider_config, text).unwrap();
+    let outsider_config = drift_tests::outsider_config(&c.nodes[1].node.config, &dir, &outsider);
     let intruder = rt
         .block_on(daemon::start(Config::load(&outsider_config).unwrap()))
         .unwrap();

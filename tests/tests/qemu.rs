@@ -9,6 +9,11 @@
 //! - nothing of the guest's memory crosses the wire in clear: a marker the guest writes all
 //!   over its memory never shows in a recording of every byte between the two nodes, while the
 //!   same search finds it in QEMU's own plain migration stream of the same guest;
+//! - a guest that dirties memory faster than its (capped) link carries it stays home with
+//!   `--fallback abort`, the outcome naming the rates, and moves by post-copy with
+//!   `--fallback postcopy`, its heartbeat continuing;
+//! - post-copy whose tunnel is cut after the guest started on the target recovers over a new
+//!   stream (QEMU's `migrate-recover` and `migrate` with `resume`), and the guest beats on;
 //! - cancelling the migration (QEMU's `migrate_cancel`), killing the target node during the
 //!   migration, or killing the source node (whose process holds the tunnel), leaves the guest
 //!   running on the source, and the restarted target holds no copy; a guest whose images lie outside the target's `qemu.image_dirs` is refused and
@@ -231,6 +236,13 @@ fn a_guest_moves_in_every_mode_and_its_heartbeat_goes_on_with_no_gap() {
         ]);
         assert!(out.contains("committed"), "{name}: {out}");
         println!("{name}: {}", out.lines().last().unwrap_or_default());
+        // Every channel went on a data connection (TLS), one per channel.
+        let carried = transport(&c, 0, name);
+        let channels = if name == "multifd" { 5 } else { 1 };
+        assert!(
+            carried.starts_with(&format!("data: {channels} × TLS1.3")),
+            "{name}: {carried}"
+        );
         // The source no longer runs it; the target does, and it keeps beating there.
         let gone = wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
             vm(&c, 0, name).is_none().then_some(())
@@ -270,6 +282,20 @@ fn a_guest_moves_in_every_mode_and_its_heartbeat_goes_on_with_no_gap() {
         let config = c.nodes[i].node.config.to_str().unwrap().to_string();
         drift_ok(&["audit", "verify", "--config", &config]);
     }
+}
+
+/// What carried the newest migration of `name` that node `i` sent.
+fn transport(c: &Cluster, i: usize, name: &str) -> String {
+    let out = drift_ok(&["migrations", "--json", "--socket", &sock(c, i)]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["migrations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rfind(|m| m["vm"] == name && m["role"] == "source")
+        .and_then(|m| m["progress"]["transport"].as_str())
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// Migrates a guest with QEMU alone (no drift) into a file: QEMU's own stream, in clear.
@@ -360,6 +386,8 @@ fn no_guest_memory_crosses_the_wire_in_clear() {
         &sock(&c, 0),
     ]);
     assert!(out.contains("committed"), "{out}");
+    let carried = transport(&c, 0, "secret");
+    assert!(carried.starts_with("data: "), "{carried}");
     let recorded = seen.lock().unwrap().clone();
     let moved = recorded.len() - before;
     // The guest's memory went through the proxy: 256 MiB less its zero pages, at least 32 MiB.
@@ -511,4 +539,196 @@ fn a_cancel_or_a_killed_node_mid_migration_leaves_the_guest_at_home() {
         drift_ok(&["audit", "verify", "--config", &config]);
     }
     drift_ok(&["vm", "destroy", "home", "--socket", &sock(&c, 0)]);
+}
+
+/// The newest migration `name` that node `i` lists: its state and its progress.
+fn last_migration(c: &Cluster, i: usize, name: &str) -> Option<serde_json::Value> {
+    let out = drift(&["migrations", "--json", "--socket", &sock(c, i)]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["migrations"]
+        .as_array()?
+        .iter()
+        .rfind(|m| m["vm"] == name && m["role"] == "source")
+        .cloned()
+}
+
+/// The guest left node-1 and beats on node-2, its heartbeat one sequence across both.
+fn assert_moved_and_beating(c: &Cluster, name: &str, source_serial: std::fs::File) {
+    let gone = wait_until(Duration::from_secs(90), Duration::from_millis(200), || {
+        (vm(c, 0, name).is_none() && vm(c, 1, name).is_some()).then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "{name}: source {:?}, target {:?}",
+        vm(c, 0, name),
+        vm(c, 1, name)
+    );
+    let first = heartbeat(c, 1, name).unwrap_or(0);
+    let later = wait_until(Duration::from_secs(60), Duration::from_millis(200), || {
+        heartbeat(c, 1, name).filter(|n| *n >= first + 5)
+    });
+    assert!(
+        later.is_some(),
+        "{name}: the guest stopped beating on the target"
+    );
+    let before = parse_heartbeats(&read_all(source_serial));
+    let after = parse_heartbeats(&read_all(open_serial(c, 1, name)));
+    assert_consecutive(&before, &format!("{name} on the source"));
+    assert_consecutive(&after, &format!("{name} on the target"));
+    assert_eq!(
+        after[0],
+        before[before.len() - 1] + 1,
+        "{name}: heartbeat gap"
+    );
+}
+
+/// A guest that rewrites 64 MiB of memory as fast as it can (7 to 9 MiB/s under TCG on a busy
+/// 2-core machine), behind a link capped at 4 MiB/s: pre-copy cannot converge. With `--fallback abort` it stays home, beating; with
+/// `--fallback postcopy` it moves by post-copy and beats on at the target, its heartbeat
+/// continuing; never above the maximum downtime.
+#[test]
+fn a_guest_that_outruns_its_link_stays_home_or_moves_by_postcopy_as_its_fallback_says() {
+    let _serial = serial();
+    let Some(g) =
+        guest("a_guest_that_outruns_its_link_stays_home_or_moves_by_postcopy_as_its_fallback_says")
+    else {
+        return;
+    };
+    let c = two_nodes(&g);
+    let append = format!("{APPEND} drift.dirty_mib=64 drift.dirty_pause_ms=0");
+    let migrate = |name: &str, fallback: &str| {
+        drift(&[
+            "migrate",
+            name,
+            "--to",
+            "node-2",
+            "--bandwidth-mib",
+            "4",
+            "--max-downtime-ms",
+            "300",
+            "--fallback",
+            fallback,
+            "--watch",
+            "--socket",
+            &sock(&c, 0),
+        ])
+    };
+
+    create(&c, 0, &g, "hot-abort", &append, &[]);
+    let out = migrate("hot-abort", "abort");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success(),
+        "an outrun guest with abort moved: {text}"
+    );
+    let m = last_migration(&c, 0, "hot-abort").unwrap();
+    assert_eq!(m["state"], "resumed", "{m}");
+    let detail = m["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("not converging") && detail.contains("sending"),
+        "{detail}"
+    );
+    println!("hot-abort: {detail}");
+    assert_home(&c, "hot-abort");
+    drift_ok(&["vm", "destroy", "hot-abort", "--socket", &sock(&c, 0)]);
+
+    create(&c, 0, &g, "hot-post", &append, &[]);
+    let source_serial = open_serial(&c, 0, "hot-post");
+    let out = migrate("hot-post", "postcopy");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "hot-post did not move: {text}");
+    println!("hot-post: {}", text.lines().last().unwrap_or_default());
+    let m = last_migration(&c, 0, "hot-post").unwrap();
+    let p = &m["progress"];
+    assert!(p["not_converging"].as_str().is_some(), "{m}");
+    if let Some(d) = p["downtime_ms"].as_f64() {
+        assert!(d <= 300.0, "downtime {d} ms above the 300 ms maximum");
+    }
+    assert_moved_and_beating(&c, "hot-post", source_serial);
+    drift_ok(&["vm", "destroy", "hot-post", "--socket", &sock(&c, 1)]);
+    for i in 0..2 {
+        let config = c.nodes[i].node.config.to_str().unwrap().to_string();
+        drift_ok(&["audit", "verify", "--config", &config]);
+    }
+}
+
+/// Post-copy whose tunnel is cut (every connection between the nodes closed) just after the
+/// guest started running on the target: both QEMUs pause, drift opens a new stream, QEMU
+/// recovers over it, and the guest beats on at the target with no gap; the source learns the
+/// outcome by resolving. `DRIFT_QEMU_RECOVER_RUNS` (default 1) repeats it.
+#[test]
+fn a_postcopy_guest_whose_tunnel_is_cut_recovers_and_beats_on() {
+    let _serial = serial();
+    let Some(g) = guest("a_postcopy_guest_whose_tunnel_is_cut_recovers_and_beats_on") else {
+        return;
+    };
+    let runs: usize = std::env::var("DRIFT_QEMU_RECOVER_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    for run in 1..=runs {
+        let mut c = Cluster::generate(2, Duration::from_millis(300));
+        for n in &mut c.nodes {
+            append_config(&n.node.config, &image_dirs(&g));
+        }
+        c.nodes[0].start_with_env(&[("DRIFT_FAULT", "source:post-copy:cut")]);
+        c.nodes[1].start();
+        c.wait_converged(Duration::from_secs(60)).unwrap();
+        let name = "cut";
+        // A cap (it holds in post-copy too) and 96 MiB of written memory keep post-copy
+        // going long enough for the cut to land mid-transfer.
+        create(
+            &c,
+            0,
+            &g,
+            name,
+            &format!("{APPEND} drift.dirty_mib=96"),
+            &[],
+        );
+        let source_serial = open_serial(&c, 0, name);
+        drift_ok(&[
+            "migrate",
+            name,
+            "--to",
+            "node-2",
+            "--mode",
+            "postcopy",
+            "--bandwidth-mib",
+            "16",
+            "--socket",
+            &sock(&c, 0),
+        ]);
+        let settled = wait_until(Duration::from_secs(180), Duration::from_millis(300), || {
+            let m = last_migration(&c, 0, name)?;
+            (m["state"] != "running" && m["state"] != "resolving").then_some(m)
+        });
+        let m = settled.unwrap_or_else(|| {
+            panic!(
+                "run {run}: the migration never settled: {:?}\n{}\n{}",
+                last_migration(&c, 0, name),
+                c.nodes[0].log_tail(),
+                c.nodes[1].log_tail()
+            )
+        });
+        assert_eq!(
+            m["state"],
+            "committed",
+            "run {run}: {m}\n{}\n{}",
+            c.nodes[0].log_tail(),
+            c.nodes[1].log_tail()
+        );
+        let log = std::fs::read_to_string(c.nodes[0].node.dir.join("drift.log")).unwrap();
+        let lines: Vec<&str> = log.lines().collect();
+        assert!(
+            log.contains("post-copy goes on over a new stream"),
+            "run {run}: the cut was not recovered from ({m}):\n{}",
+            lines[lines.len().saturating_sub(60)..].join("\n")
+        );
+        assert_moved_and_beating(&c, name, source_serial);
+        for i in 0..2 {
+            let config = c.nodes[i].node.config.to_str().unwrap().to_string();
+            drift_ok(&["audit", "verify", "--config", &config]);
+        }
+        println!("post-copy tunnel cut, run {run}: recovered; the guest beats on at the target");
+    }
 }

@@ -11,9 +11,19 @@
 //!
 //! 1. **stream**: the raw throughput of a drift stream between the same two nodes, for the
 //!    same number of bytes as the VM's memory (see [`super::transfer`]);
-//! 2. **baseline**: pre-copy of the same VM with its workload idle (dirty rate 0): the lower
-//!    bound on total time and bytes;
-//! 3. **pre-copy**, 4. **post-copy**, and optionally 5. **hybrid**, with the workload running.
+//! 2. **data**: the data plane's own rate between the same two nodes, for the same bytes as
+//!    page batches on `K` data connections (the nodes' `data.connections`, at least 2), as in
+//!    `drift bench transfer`'s `data_k` leg: what migrations move on;
+//! 3. **baseline**: pre-copy of the same VM with its workload idle (dirty rate 0): the lower
+//!    bound on total time and bytes, and the migration whose throughput is held against the
+//!    data plane's ([`Targets::idle_vs_data`]);
+//! 4. **pre-copy**, 5. **post-copy**, and optionally 6. **hybrid**, with the workload running;
+//! 7. **outrun** (unless `--no-outrun`): a VM whose workload dirties memory as fast as it can,
+//!    measured for a second, then moved over a link capped at half that rate, once per
+//!    fallback (`abort`, `throttle`, `postcopy`): the abort must leave it running clean at
+//!    home, the others must commit within the maximum downtime.
+//!
+//! The legs and the migrations all run on the caller's runtime, as the two nodes do.
 //!
 //! Times, downtime, rounds and bytes are the engine's own (`drift migrations` shows the same):
 //! pre-copy downtime runs from the pause on the source to the target's commit arriving there;
@@ -21,14 +31,17 @@
 //! out.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use drift_protocol::migration::Mode;
+use drift_protocol::transfer::convergence::Fallback;
 use drift_protocol::transfer::{PageBatch, MAX_PAGES_PER_BATCH, PAGE_SIZE};
+use drift_protocol::SecretKey;
 use serde::Serialize;
 
-use super::transfer::{stream_leg, Leg, Payload};
+use super::transfer::{data_plane_leg, stream_leg, Leg, PagePayload, Payload};
 use super::{start_pair, two_node_configs, Pair, TempDir};
 use crate::control::{client, CreateVm, MigrationsView, StartMigration, VmsView};
 use crate::hypervisor::guest::{write_page, VerifyReport, CANARY_PFN};
@@ -43,6 +56,8 @@ pub struct Targets {
     /// Bytes sent / memory size.
     pub bytes_ratio: f64,
     pub postcopy_downtime_ms: f64,
+    /// The idle pre-copy's throughput / the data plane's own rate.
+    pub idle_vs_data: f64,
 }
 
 /// The targets drift aims for.
@@ -50,7 +65,19 @@ pub const TARGETS: Targets = Targets {
     precopy_downtime_ms: 50.0,
     bytes_ratio: 1.3,
     postcopy_downtime_ms: 5.0,
+    idle_vs_data: 0.75,
 };
+
+/// The outrun cases: a VM of `--outrun-memory-mib` (256 MiB by default)...
+pub const OUTRUN_MEMORY_MIB: u64 = 256;
+/// ...whose workload dirties memory as fast as this asks (or as it can)...
+pub const OUTRUN_DIRTY_MIB_PER_S: f64 = 512.0;
+/// ...behind a link capped at half the rate it was measured dirtying, at most this...
+pub const OUTRUN_MAX_CAP_MIB_PER_S: u64 = 64;
+/// ...with this ceiling on its downtime.
+pub const OUTRUN_MAX_DOWNTIME_MS: u64 = 200;
+/// How long the outrun VM's dirty rate is measured before it moves.
+const OUTRUN_MEASURE: Duration = Duration::from_secs(1);
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -59,6 +86,8 @@ pub struct MigrateParams {
     pub dirty_mib_per_s: f64,
     /// Also run hybrid (pre-copy rounds, then post-copy).
     pub hybrid: bool,
+    /// Also run the outrun cases, on a VM of this size.
+    pub outrun_memory_mib: Option<u64>,
     /// Switch over once the remaining pages fit in this (the service's default if `None`).
     pub downtime_limit_ms: Option<u64>,
     /// Any one migration gives up after this long.
@@ -85,11 +114,21 @@ pub struct Run {
     /// `precopy`, `postcopy` or `hybrid`.
     pub mode: String,
     pub dirty_mib_per_s: f64,
+    /// What the migration did when it did not converge (`throttle,abort`, ...).
+    pub fallback: String,
+    /// The bandwidth cap, bytes per second, if any.
+    pub cap_bytes_per_s: Option<u64>,
+    /// The throttle the guest ended at, percent.
+    pub throttle_pct: u8,
+    /// Why it was found not converging, if it was.
+    pub not_converging: Option<String>,
     /// The source's final state: `committed` on success.
     pub outcome: String,
     pub detail: String,
     pub total_ms: Option<f64>,
     pub downtime_ms: Option<f64>,
+    /// The downtime the switchover was decided on (or the last round's estimate).
+    pub expected_downtime_ms: f64,
     pub rounds: u32,
     pub pages_sent: u64,
     pub bytes_sent: u64,
@@ -99,6 +138,8 @@ pub struct Run {
     pub throughput_bytes_per_s: f64,
     /// throughput / raw stream throughput.
     pub throughput_vs_stream: f64,
+    /// throughput / the data plane's own rate.
+    pub throughput_vs_data: f64,
     /// Workload pages written on the source before the migration started.
     pub writes_before: u64,
     /// The target's page-by-page check after the migration.
@@ -119,12 +160,27 @@ pub struct MigrateFigures {
     pub dirty_pages_per_s: u64,
     /// The raw stream between the same nodes, for the memory's size in bytes.
     pub stream: Leg,
+    /// The data plane between the same nodes on `K` connections, for the same bytes.
+    pub data: Leg,
     /// Pre-copy with the workload idle.
     pub baseline: Run,
     pub precopy: Run,
     pub postcopy: Run,
     pub hybrid: Option<Run>,
+    /// The memory of the outrun VM, when those cases ran.
+    pub outrun_memory_mib: Option<u64>,
+    /// A VM dirtying faster than the link, one run per fallback.
+    pub outrun: Vec<Run>,
     pub targets: Targets,
+}
+
+/// The rates, in bytes per second, each migration's throughput is held against.
+#[derive(Debug, Clone, Copy)]
+struct Rates {
+    /// The raw stream's.
+    stream: f64,
+    /// The data plane's.
+    data: f64,
 }
 
 const PAIR_TIMEOUT: Duration = Duration::from_secs(60);
@@ -190,20 +246,60 @@ fn in_progress(state: &str) -> bool {
     matches!(state, "negotiating" | "running" | "resolving")
 }
 
+/// How one migration is asked for.
+#[derive(Debug, Clone)]
+struct How {
+    mode: Mode,
+    dirty_mib_per_s: f64,
+    memory_mib: u64,
+    /// The request's convergence settings and cap (the node's defaults where `None`).
+    fallback: Option<Fallback>,
+    cap_bytes_per_s: Option<u64>,
+    max_downtime_ms: Option<u64>,
+    /// Cap the link at half the rate the VM is measured dirtying, just before it moves.
+    outrun: bool,
+}
+
+impl How {
+    fn plain(mode: Mode, dirty_mib_per_s: f64, p: &MigrateParams) -> Self {
+        Self {
+            mode,
+            dirty_mib_per_s,
+            memory_mib: p.memory_mib,
+            fallback: None,
+            cap_bytes_per_s: None,
+            max_downtime_ms: None,
+            outrun: false,
+        }
+    }
+
+    fn outrun(fallback: &str, memory_mib: u64) -> Self {
+        Self {
+            mode: Mode::PreCopy,
+            dirty_mib_per_s: OUTRUN_DIRTY_MIB_PER_S,
+            memory_mib,
+            fallback: Some(fallback.parse().expect("a valid fallback")),
+            cap_bytes_per_s: None,
+            max_downtime_ms: Some(OUTRUN_MAX_DOWNTIME_MS),
+            outrun: true,
+        }
+    }
+}
+
 /// Creates, fills and migrates one VM from `pair.a` to `pair.b`, then checks where it ended.
 async fn run_one(
     pair: &Pair,
     label: &str,
-    mode: Mode,
-    dirty_mib_per_s: f64,
+    how: How,
     p: &MigrateParams,
-    stream: &Leg,
+    rates: Rates,
 ) -> anyhow::Result<Run> {
     let name = format!("bench-{}", label.replace(' ', "-"));
-    let page_count = p.memory_mib * 256;
+    let page_count = how.memory_mib * 256;
+    let dirty_mib_per_s = how.dirty_mib_per_s;
     let create = CreateVm {
         name: name.clone(),
-        memory_mib: p.memory_mib,
+        memory_mib: how.memory_mib,
         vcpus: 1,
         demand: 0.1,
         dirty_mib_per_s,
@@ -216,51 +312,58 @@ async fn run_one(
         client::post(&pair.a.socket, "/v1/vms", serde_json::to_vec(&create)?)
             .await
             .with_context(|| format!("creating {name} on node-1"))?;
-    let run = migrate_created(
-        pair,
-        label,
-        mode,
-        dirty_mib_per_s,
-        p,
-        stream,
-        &vm,
-        page_count,
-    )
-    .await;
+    let run = migrate_created(pair, label, &how, p, rates, &vm, page_count).await;
     clean_up(pair, &name).await;
     run
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn migrate_created(
     pair: &Pair,
     label: &str,
-    mode: Mode,
-    dirty_mib_per_s: f64,
+    how: &How,
     p: &MigrateParams,
-    stream: &Leg,
+    rates: Rates,
     vm: &crate::hypervisor::VmView,
     page_count: u64,
 ) -> anyhow::Result<Run> {
+    let (mode, dirty_mib_per_s) = (how.mode, how.dirty_mib_per_s);
     let name = &vm.name;
     let sock = pair.a.state.vms.dir_of(&vm.id).join(SOCKET_FILE);
     populate(&sock, page_count)
         .await
         .with_context(|| format!("writing the memory of {name}"))?;
     tokio::time::sleep(WARM_UP).await;
-    let writes_before = vms(&pair.a.socket)
-        .await?
-        .vms
-        .iter()
-        .find(|v| &v.name == name)
-        .map_or(0, |v| v.writes);
+    let writes = || async {
+        Ok::<_, anyhow::Error>(
+            vms(&pair.a.socket)
+                .await?
+                .vms
+                .iter()
+                .find(|v| &v.name == name)
+                .map_or(0, |v| v.writes),
+        )
+    };
+    let mut writes_before = writes().await?;
+    let mut cap = how.cap_bytes_per_s;
+    if how.outrun {
+        // Whatever this build's workload manages: the link gets half of it.
+        tokio::time::sleep(OUTRUN_MEASURE).await;
+        let now = writes().await?;
+        let rate = now.saturating_sub(writes_before) as f64 * PAGE_SIZE as f64
+            / OUTRUN_MEASURE.as_secs_f64();
+        cap = Some(((rate / 2.0) as u64).clamp(1 << 20, OUTRUN_MAX_CAP_MIB_PER_S << 20));
+        writes_before = now;
+    }
 
     let req = StartMigration {
         vm: name.clone(),
         to: "node-2".into(),
         mode,
         downtime_limit_ms: p.downtime_limit_ms,
-        bandwidth_cap_bytes_per_s: None,
+        bandwidth_cap_bytes_per_s: cap,
+        max_downtime_ms: how.max_downtime_ms,
+        fallback: how.fallback.clone(),
+        ..Default::default()
     };
     let t0 = Instant::now();
     let started: serde_json::Value =
@@ -303,9 +406,20 @@ async fn migrate_created(
 
     // Where did the VM end up? Exactly one side, running, clean.
     let committed = last.state == "committed";
+    let mut verify = None;
+    if !committed {
+        // It must still run, clean, at home.
+        verify = Some(
+            pair.a
+                .state
+                .vms
+                .verify(name)
+                .await
+                .with_context(|| format!("verifying {name} at home on node-1"))?,
+        );
+    }
     let mut running_on_target = false;
     let mut gone_from_source = false;
-    let mut verify = None;
     if committed {
         let settle = Instant::now() + SETTLE;
         while Instant::now() < settle {
@@ -338,16 +452,22 @@ async fn migrate_created(
         label: label.to_string(),
         mode: mode.to_string(),
         dirty_mib_per_s,
+        fallback: progress.fallback.clone(),
+        cap_bytes_per_s: cap,
+        throttle_pct: progress.throttle_pct,
+        not_converging: progress.not_converging.clone(),
         outcome: last.state.clone(),
         detail: last.detail.clone(),
         total_ms: progress.total_ms,
         downtime_ms: progress.downtime_ms,
+        expected_downtime_ms: progress.expected_downtime_ms,
         rounds: progress.rounds,
         pages_sent: progress.pages_sent,
         bytes_sent: progress.bytes_sent,
         bytes_ratio: progress.bytes_sent as f64 / memory_bytes as f64,
         throughput_bytes_per_s: throughput,
-        throughput_vs_stream: throughput / stream.bytes_per_s.max(1e-9),
+        throughput_vs_stream: throughput / rates.stream.max(1e-9),
+        throughput_vs_data: throughput / rates.data.max(1e-9),
         writes_before,
         verified_clean: verify
             .as_ref()
@@ -377,40 +497,52 @@ pub async fn migrate(p: MigrateParams) -> anyhow::Result<MigrateFigures> {
     check(&p)?;
     let dir = TempDir::new("migrate")?;
     let configs = two_node_configs(dir.path(), Duration::from_millis(500))?;
+    let keys = [
+        crate::identity::read_key(&configs[0].node.key)?,
+        crate::identity::read_key(&configs[1].node.key)?,
+    ];
+    // As many connections as the nodes give a sandbox migration, and at least 2, as the
+    // transfer benchmark's `data_k` leg.
+    let connections = configs[0].data.connections().max(2);
     let pair = start_pair(configs, PAIR_TIMEOUT).await?;
-    let result = runs(&pair, &p).await;
+    let result = runs(&pair, &keys, connections, &p).await;
     pair.shutdown().await;
     result
 }
 
-async fn runs(pair: &Pair, p: &MigrateParams) -> anyhow::Result<MigrateFigures> {
+async fn runs(
+    pair: &Pair,
+    keys: &[SecretKey; 2],
+    connections: u32,
+    p: &MigrateParams,
+) -> anyhow::Result<MigrateFigures> {
     let memory_bytes = p.memory_mib * 1024 * 1024;
     let payload = Payload::new(memory_bytes);
     let stream = stream_leg(pair, "libp2p tcp+noise+yamux", &payload, payload.digest()).await?;
-    let baseline = run_one(pair, "baseline", Mode::PreCopy, 0.0, p, &stream).await?;
-    let precopy = run_one(
-        pair,
-        "precopy",
-        Mode::PreCopy,
-        p.dirty_mib_per_s,
-        p,
-        &stream,
-    )
-    .await?;
-    let postcopy = run_one(
-        pair,
-        "postcopy",
-        Mode::PostCopy,
-        p.dirty_mib_per_s,
-        p,
-        &stream,
-    )
-    .await?;
+    let pages = Arc::new(PagePayload::new(&payload));
+    let data = data_plane_leg(pair, keys, &pages, connections).await?;
+    let rates = Rates {
+        stream: stream.bytes_per_s,
+        data: data.bytes_per_s,
+    };
+    let plain = |mode, dirty| How::plain(mode, dirty, p);
+    let baseline = run_one(pair, "baseline", plain(Mode::PreCopy, 0.0), p, rates).await?;
+    let dirty = p.dirty_mib_per_s;
+    let precopy = run_one(pair, "precopy", plain(Mode::PreCopy, dirty), p, rates).await?;
+    let postcopy = run_one(pair, "postcopy", plain(Mode::PostCopy, dirty), p, rates).await?;
     let hybrid = if p.hybrid {
-        Some(run_one(pair, "hybrid", Mode::Hybrid, p.dirty_mib_per_s, p, &stream).await?)
+        Some(run_one(pair, "hybrid", plain(Mode::Hybrid, dirty), p, rates).await?)
     } else {
         None
     };
+    let mut outrun = Vec::new();
+    if let Some(memory_mib) = p.outrun_memory_mib {
+        for fallback in ["abort", "throttle", "postcopy"] {
+            let label = format!("outrun {fallback}");
+            let how = How::outrun(fallback, memory_mib);
+            outrun.push(run_one(pair, &label, how, p, rates).await?);
+        }
+    }
     Ok(MigrateFigures {
         memory_mib: p.memory_mib,
         memory_bytes,
@@ -418,10 +550,13 @@ async fn runs(pair: &Pair, p: &MigrateParams) -> anyhow::Result<MigrateFigures> 
         dirty_mib_per_s: p.dirty_mib_per_s,
         dirty_pages_per_s: (p.dirty_mib_per_s * 256.0).round() as u64,
         stream,
+        data,
         baseline,
         precopy,
         postcopy,
         hybrid,
+        outrun_memory_mib: p.outrun_memory_mib,
+        outrun,
         targets: TARGETS,
     })
 }
@@ -436,6 +571,7 @@ mod tests {
             memory_mib,
             dirty_mib_per_s,
             hybrid: false,
+            outrun_memory_mib: None,
             downtime_limit_ms: None,
             timeout: Duration::from_secs(1),
         };

@@ -370,7 +370,7 @@ async fn tunnelled_run(p: &QemuBenchParams, pair: &Pair, i: u32) -> anyhow::Resu
             to: "node-2".into(),
             mode: Mode::PreCopy,
             downtime_limit_ms: Some(DOWNTIME_LIMIT_MS),
-            bandwidth_cap_bytes_per_s: None,
+            ..Default::default()
         };
         let before = CpuMark::now();
         let started: serde_json::Value =

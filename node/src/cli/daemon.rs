@@ -139,6 +139,20 @@ pub(crate) fn status(args: ReadArgs) -> anyhow::Result<ExitCode> {
         "rosters     {} adopted, {} refused",
         s.rosters_adopted, s.rosters_refused
     );
+    let a = &s.admission;
+    println!(
+        "incoming    {} of {} slots ({} per source), {} MiB reserved, {} streams",
+        a.slots_in_use, a.max_incoming, a.per_source, a.reserved_mib, s.incoming_streams
+    );
+    for b in &a.backed_off {
+        let left = b.until.millis_since(crate::clock::now());
+        println!(
+            "backed off  {} for {} more (back-off {})",
+            b.source,
+            fmt_duration_ms(left),
+            b.level
+        );
+    }
     if s.insecure_open {
         println!("WARNING     insecure_open: this node accepts connections from any peer");
     }

@@ -36,6 +36,9 @@ fn action(a: &Action) -> String {
             format!("no answer ({error}); target left out until {retry_after}")
         }
         Action::Failed { error } => format!("not started: {error}"),
+        Action::Unmovable { retry_after } => {
+            format!("not offered: predicted not to move within its limits; VM left out until {retry_after}")
+        }
     }
 }
 

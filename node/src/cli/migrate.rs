@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use drift_protocol::migration::Mode;
+use drift_protocol::transfer::convergence::Fallback;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::daemon::{runtime, Target};
@@ -27,9 +28,24 @@ pub struct MigrateArgs {
     /// precopy (default), postcopy or hybrid.
     #[arg(long, default_value = "precopy")]
     pub mode: Mode,
-    /// Switch over once the remaining pages fit in this downtime (milliseconds).
+    /// Switch over once the remaining pages fit in this downtime (milliseconds; default
+    /// `[migration] downtime_limit`).
     #[arg(long)]
     pub downtime_limit_ms: Option<u64>,
+    /// Never switch over while the expected downtime is above this (milliseconds; default
+    /// `[migration] max_downtime`).
+    #[arg(long)]
+    pub max_downtime_ms: Option<u64>,
+    /// What to do, in order, when the migration does not converge: throttle, postcopy,
+    /// abort, comma-separated (default `[migration] fallback`, throttle,abort).
+    #[arg(long)]
+    pub fallback: Option<Fallback>,
+    /// Not converging once the dirty set made no progress for this long (e.g. 150s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub progress_timeout: Option<Duration>,
+    /// The migration may run this long per GiB of memory (e.g. 150s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub completion_timeout_per_gib: Option<Duration>,
     /// Cap the transfer at this many MiB per second.
     #[arg(long)]
     pub bandwidth_mib: Option<u64>,
@@ -77,9 +93,28 @@ fn line(m: &MigrationView) -> String {
         p.expected_downtime_ms,
         match (p.downtime_ms, p.total_ms) {
             (Some(d), Some(t)) => format!("  downtime {d:.1} ms, total {t:.0} ms"),
-            _ => String::new(),
+            _ => convergence(&p).map_or(String::new(), |c| format!("  {c}")),
         }
     )
+}
+
+/// While pre-copy runs: the dirty rate, the throttle, and whether and why the migration is
+/// not converging; `None` before the first round's figures.
+fn convergence(p: &Progress) -> Option<String> {
+    if p.rounds == 0 {
+        return None;
+    }
+    let mut out = format!(
+        "dirtying {:.0} MiB/s",
+        p.dirty_rate_bytes_per_s / (1024.0 * 1024.0)
+    );
+    if p.throttle_pct > 0 {
+        out.push_str(&format!(", throttled {} %", p.throttle_pct));
+    }
+    if let Some(why) = &p.not_converging {
+        out.push_str(&format!("; {why}"));
+    }
+    Some(out)
 }
 
 pub(crate) fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
@@ -103,6 +138,10 @@ pub(crate) fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         mode: a.mode,
         downtime_limit_ms: a.downtime_limit_ms,
         bandwidth_cap_bytes_per_s: a.bandwidth_mib.map(|m| m * 1024 * 1024),
+        max_downtime_ms: a.max_downtime_ms,
+        fallback: a.fallback.clone(),
+        progress_timeout_ms: a.progress_timeout.map(|d| d.as_millis() as u64),
+        completion_timeout_per_gib_ms: a.completion_timeout_per_gib.map(|d| d.as_millis() as u64),
     };
     let started: serde_json::Value = rt.block_on(client::post(
         &socket,
@@ -165,8 +204,13 @@ fn in_progress(state: &str) -> bool {
 /// The line printed when a migration committed.
 fn summary(id: &str, vm: &str, to: &str, m: &MigrationView) -> String {
     let p = m.progress.clone().unwrap_or_default();
+    let over = if p.transport.is_empty() {
+        String::new()
+    } else {
+        format!(", over {}", p.transport)
+    };
     format!(
-        "migration {id}: {vm} -> {to} committed in {}, downtime {}, sent {} in {} rounds ({} pages)",
+        "migration {id}: {vm} -> {to} committed in {}, downtime {}, sent {} in {} rounds ({} pages){over}",
         p.total_ms
             .map_or("-".into(), |t| format!("{:.2} s", t / 1e3)),
         p.downtime_ms.map_or("-".into(), |d| format!("{d:.1} ms")),
@@ -174,6 +218,22 @@ fn summary(id: &str, vm: &str, to: &str, m: &MigrationView) -> String {
         p.rounds,
         p.pages_sent,
     )
+}
+
+/// What carried a migration, in a word: `tls×N` (N data connections), `stream` (the
+/// migration's mesh stream, because no data connection could be made), `mesh` (QEMU channels
+/// on mesh streams); `--json` has the whole text.
+fn via(transport: &str) -> String {
+    if let Some(rest) = transport.strip_prefix("data: ") {
+        let n = rest.split(' ').next().unwrap_or("?");
+        format!("tls×{n}")
+    } else if transport.starts_with("stream") {
+        "stream".into()
+    } else if transport.starts_with("mesh") {
+        "mesh".into()
+    } else {
+        "-".into()
+    }
 }
 
 /// How `--watch` shows a running migration: a progress bar on a terminal, periodic plain
@@ -245,12 +305,13 @@ impl Bar {
         self.bar.set_position(done * PAGE);
         let eta = eta(total - done, &p).map_or("-".into(), |s| format!("{s:.1} s"));
         self.bar.set_message(format!(
-            "round {}  sent {}  {:.1} MiB/s  dirty {}  downtime ~{:.1} ms  ETA {eta}",
+            "round {}  sent {}  {:.1} MiB/s  dirty {}  downtime ~{:.1} ms  ETA {eta}{}",
             p.rounds,
             mib(p.bytes_sent),
             p.rate_bytes_per_s / (1024.0 * 1024.0),
             p.dirty_pages,
             p.expected_downtime_ms,
+            convergence(&p).map_or(String::new(), |c| format!("  {c}")),
         ));
     }
 }
@@ -259,7 +320,15 @@ const PAGE: u64 = drift_protocol::transfer::PAGE_SIZE as u64;
 
 /// Seconds until `pages_left` more pages are sent, at the pages per second so far (zero pages
 /// travel as markers, so the page rate, not the byte rate, says how long the rest takes).
+/// Once pre-copy rounds run, the engine's own estimate (the dirty set at the link's rate less
+/// the guest's), and none while the guest outruns the link.
 fn eta(pages_left: u64, p: &Progress) -> Option<f64> {
+    if let Some(ms) = p.eta_ms.filter(|_| p.phase == "copying") {
+        return Some(ms / 1e3);
+    }
+    if p.rounds > 0 && p.dirty_rate_bytes_per_s >= p.rate_bytes_per_s {
+        return None;
+    }
     if p.pages_sent == 0 || p.bytes_sent == 0 || p.rate_bytes_per_s <= 0.0 {
         return None;
     }
@@ -318,13 +387,17 @@ pub(crate) fn migrations(a: MigrationsArgs) -> anyhow::Result<ExitCode> {
                 m.role.clone(),
                 m.peer.short(),
                 m.mode.to_string(),
+                via(&p.transport),
                 m.state.clone(),
                 p.rounds.to_string(),
                 mib(p.bytes_sent),
                 p.downtime_ms.map_or("-".into(), |d| format!("{d:.1}ms")),
                 p.total_ms
                     .map_or("-".into(), |t| format!("{:.1}s", t / 1000.0)),
-                m.detail.clone(),
+                match (in_progress(&m.state), convergence(&p)) {
+                    (true, Some(c)) => c,
+                    _ => m.detail.clone(),
+                },
             ]
         })
         .collect();
@@ -332,8 +405,8 @@ pub(crate) fn migrations(a: MigrationsArgs) -> anyhow::Result<ExitCode> {
         "{}",
         super::table::render(
             &[
-                "ID", "VM", "ROLE", "PEER", "MODE", "STATE", "ROUNDS", "SENT", "DOWNTIME", "TOTAL",
-                "DETAIL"
+                "ID", "VM", "ROLE", "PEER", "MODE", "VIA", "STATE", "ROUNDS", "SENT", "DOWNTIME",
+                "TOTAL", "DETAIL"
             ],
             &rows
         )
@@ -377,6 +450,24 @@ mod tests {
         p.rate_bytes_per_s = 1_000_000.0;
         assert_eq!(eta(1000, &p), Some(2.0));
         assert_eq!(eta(0, &p), Some(0.0));
+        // The engine's own estimate wins while rounds run...
+        p.eta_ms = Some(1500.0);
+        assert_eq!(eta(1000, &p), Some(1.5));
+        // ...and there is none while the guest dirties faster than the link sends.
+        p.eta_ms = None;
+        p.dirty_rate_bytes_per_s = 2_000_000.0;
+        assert_eq!(eta(1000, &p), None);
+    }
+
+    #[test]
+    fn the_transport_is_named_in_a_word() {
+        assert_eq!(via("data: 4 × TLS1.3 AES_256_GCM_SHA384"), "tls×4");
+        assert_eq!(
+            via("stream (no data connection: cannot reach 10.0.0.2:7401: refused)"),
+            "stream"
+        );
+        assert_eq!(via("mesh streams (data plane off)"), "mesh");
+        assert_eq!(via(""), "-");
     }
 
     #[test]

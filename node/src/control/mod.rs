@@ -55,6 +55,12 @@ pub struct StatusView {
     pub connections_denied: u64,
     pub rosters_adopted: u64,
     pub rosters_refused: u64,
+    /// Incoming migrations: slots in use, reservations, backed-off sources.
+    #[serde(default)]
+    pub admission: crate::admission::AdmissionView,
+    /// Incoming migration streams being served (negotiating or transferring).
+    #[serde(default)]
+    pub incoming_streams: usize,
 }
 
 /// `GET /v1/peers`.
@@ -184,7 +190,7 @@ pub struct MigrationsView {
 }
 
 /// `POST /v1/migrations`: move a VM of this node to another node.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StartMigration {
     /// VM name or id.
@@ -195,6 +201,48 @@ pub struct StartMigration {
     pub mode: drift_protocol::migration::Mode,
     pub downtime_limit_ms: Option<u64>,
     pub bandwidth_cap_bytes_per_s: Option<u64>,
+    /// The hard ceiling on the downtime (default: `[migration] max_downtime`).
+    #[serde(default)]
+    pub max_downtime_ms: Option<u64>,
+    /// What to do, in order, when the migration does not converge (default:
+    /// `[migration] fallback`).
+    #[serde(default)]
+    pub fallback: Option<drift_protocol::transfer::convergence::Fallback>,
+    #[serde(default)]
+    pub progress_timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub completion_timeout_per_gib_ms: Option<u64>,
+}
+
+impl StartMigration {
+    /// The migration's parameters: this request over the node's defaults.
+    pub fn params(
+        &self,
+        defaults: drift_protocol::transfer::convergence::Limits,
+    ) -> crate::migration::engine::SourceParams {
+        let mut l = defaults;
+        if let Some(ms) = self.downtime_limit_ms {
+            l.downtime_limit_ms = ms;
+            // A limit above the node's ceiling raises the ceiling with it.
+            l.max_downtime_ms = l.max_downtime_ms.max(ms);
+        }
+        if let Some(ms) = self.max_downtime_ms {
+            l.max_downtime_ms = ms;
+        }
+        if let Some(f) = &self.fallback {
+            l.fallback = f.clone();
+        }
+        if let Some(ms) = self.progress_timeout_ms {
+            l.progress_timeout_ms = ms;
+        }
+        if let Some(ms) = self.completion_timeout_per_gib_ms {
+            l.completion_timeout_per_gib_ms = ms;
+        }
+        crate::migration::engine::SourceParams {
+            bandwidth_cap: self.bandwidth_cap_bytes_per_s,
+            ..crate::migration::engine::SourceParams::new(self.mode, l)
+        }
+    }
 }
 
 /// `GET /v1/decisions`: the balancing autopilot's newest decisions, oldest first.

@@ -141,6 +141,7 @@ async fn status(State(app): State<App>) -> Response {
     ] {
         hosts.insert(l.to_string(), rows.iter().filter(|r| r.state == l).count());
     }
+    let (admission, incoming_streams) = app.migrations.admission_view();
     Json(StatusView {
         version: API_VERSION,
         node: s.me,
@@ -159,6 +160,8 @@ async fn status(State(app): State<App>) -> Response {
         connections_denied: c.connections_denied.load(Ordering::Relaxed),
         rosters_adopted: c.rosters_adopted.load(Ordering::Relaxed),
         rosters_refused: c.rosters_refused.load(Ordering::Relaxed),
+        admission,
+        incoming_streams,
     })
     .into_response()
 }
@@ -305,16 +308,8 @@ async fn start_migration(State(app): State<App>, body: Bytes) -> Response {
             )
         }
     };
-    let params = crate::migration::engine::SourceParams {
-        downtime_limit: std::time::Duration::from_millis(req.downtime_limit_ms.unwrap_or(50)),
-        bandwidth_cap: req.bandwidth_cap_bytes_per_s,
-        ..Default::default()
-    };
-    match app
-        .migrations
-        .migrate(&req.vm, &req.to, req.mode, params)
-        .await
-    {
+    let params = req.params(app.migrations.default_limits());
+    match app.migrations.migrate(&req.vm, &req.to, params).await {
         Ok(id) => Json(serde_json::json!({ "version": API_VERSION, "id": id })).into_response(),
         Err(e) => {
             let status = match e {

@@ -10,6 +10,8 @@
 
 use drift_protocol::transfer::PAGE_SIZE;
 
+use super::shared::{SharedError, SharedMemory};
+
 /// The page holding the canary.
 pub const CANARY_PFN: u64 = 1;
 /// The canary text at the start of page 1, followed by the VM's seed in hex.
@@ -78,87 +80,13 @@ pub fn canary_page(seed: u64) -> Vec<u8> {
     page
 }
 
-/// A set of page numbers.
-#[derive(Debug, Clone)]
-pub struct PageSet {
-    words: Vec<u64>,
-    len: u64,
-}
-
-impl PageSet {
-    /// An empty set over `pages` pages.
-    pub fn new(pages: u64) -> Self {
-        Self {
-            words: vec![0; pages.div_ceil(64) as usize],
-            len: 0,
-        }
-    }
-
-    /// Whether `pfn` is in the set.
-    pub fn contains(&self, pfn: u64) -> bool {
-        self.words
-            .get((pfn / 64) as usize)
-            .is_some_and(|w| w & (1 << (pfn % 64)) != 0)
-    }
-
-    /// Adds `pfn` (ignored beyond the set's range).
-    pub fn insert(&mut self, pfn: u64) {
-        if let Some(w) = self.words.get_mut((pfn / 64) as usize) {
-            if *w & (1 << (pfn % 64)) == 0 {
-                *w |= 1 << (pfn % 64);
-                self.len += 1;
-            }
-        }
-    }
-
-    /// Removes `pfn`; returns whether it was there.
-    pub fn remove(&mut self, pfn: u64) -> bool {
-        match self.words.get_mut((pfn / 64) as usize) {
-            Some(w) if *w & (1 << (pfn % 64)) != 0 => {
-                *w &= !(1 << (pfn % 64));
-                self.len -= 1;
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// How many pages are in the set.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// Whether the set is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Removes and returns up to `max` members, lowest first.
-    pub fn take(&mut self, max: usize) -> Vec<u64> {
-        let mut out = Vec::new();
-        for (i, w) in self.words.iter_mut().enumerate() {
-            while *w != 0 && out.len() < max {
-                let bit = w.trailing_zeros() as u64;
-                *w &= *w - 1;
-                out.push(i as u64 * 64 + bit);
-            }
-            if out.len() == max {
-                break;
-            }
-        }
-        self.len -= out.len() as u64;
-        out
-    }
-}
-
 /// A guest's memory, with the dirty log (pages the guest wrote since the log was last read)
-/// and, for a post-copy target, the pages that have not arrived yet.
-#[derive(Debug, Clone)]
+/// and, for a post-copy target, the pages that have not arrived yet; all of it in memory the
+/// VMM shares with its node ([`SharedMemory`]).
+#[derive(Debug)]
 pub struct Memory {
-    bytes: Vec<u8>,
+    shared: SharedMemory,
     seed: u64,
-    dirty: Option<PageSet>,
-    missing: Option<PageSet>,
 }
 
 /// What a verification found.
@@ -176,27 +104,39 @@ pub struct VerifyReport {
 
 impl Memory {
     /// Zeroed memory of `pages` pages.
-    pub fn zeroed(pages: u64, seed: u64) -> Self {
-        Self {
-            bytes: vec![0; pages as usize * PAGE_SIZE],
+    pub fn zeroed(pages: u64, seed: u64) -> Result<Self, SharedError> {
+        Ok(Self {
+            shared: SharedMemory::create(pages)?,
             seed,
-            dirty: None,
-            missing: None,
-        }
+        })
     }
 
     /// New guest memory: zero, with the canary in page 1.
-    pub fn boot(pages: u64, seed: u64) -> Self {
-        let mut m = Self::zeroed(pages, seed);
+    pub fn boot(pages: u64, seed: u64) -> Result<Self, SharedError> {
+        let m = Self::zeroed(pages, seed)?;
         if pages > CANARY_PFN {
-            m.page_mut(CANARY_PFN).copy_from_slice(&canary_page(seed));
+            m.shared.write_page(CANARY_PFN, Some(&canary_page(seed)))?;
         }
-        m
+        Ok(m)
+    }
+
+    /// A copy in memory of its own (for tests that damage one side).
+    pub fn duplicate(&self) -> Result<Self, SharedError> {
+        let copy = Self::zeroed(self.page_count(), self.seed)?;
+        for pfn in 0..self.page_count() {
+            copy.shared.write_page(pfn, Some(&self.page(pfn)[..]))?;
+        }
+        Ok(copy)
+    }
+
+    /// The shared memory underneath.
+    pub fn shared(&self) -> &SharedMemory {
+        &self.shared
     }
 
     /// Number of pages.
     pub fn page_count(&self) -> u64 {
-        (self.bytes.len() / PAGE_SIZE) as u64
+        self.shared.page_count()
     }
 
     /// The VM's seed.
@@ -204,82 +144,70 @@ impl Memory {
         self.seed
     }
 
-    /// One page.
-    pub fn page(&self, pfn: u64) -> &[u8] {
-        let at = pfn as usize * PAGE_SIZE;
-        &self.bytes[at..at + PAGE_SIZE]
+    /// A copy of one page.
+    pub fn page(&self, pfn: u64) -> Box<[u8; PAGE_SIZE]> {
+        self.shared.page_copy(pfn)
     }
 
-    /// One page, writable.
-    pub fn page_mut(&mut self, pfn: u64) -> &mut [u8] {
-        let at = pfn as usize * PAGE_SIZE;
-        &mut self.bytes[at..at + PAGE_SIZE]
+    /// Overwrites one page (tests damage memory with it).
+    pub fn set_page(&self, pfn: u64, data: &[u8]) -> Result<(), SharedError> {
+        self.shared.write_page(pfn, Some(data))
     }
 
     /// The workload's write: read the page's generation, write the next one. Returns `false`
     /// (and writes nothing) when the page has not arrived yet: the guest must wait for it.
     pub fn touch(&mut self, pfn: u64) -> bool {
-        if self.missing.as_ref().is_some_and(|m| m.contains(pfn)) {
+        if self.shared.is_missing(pfn) {
             return false;
         }
-        let seed = self.seed;
-        let page = self.page_mut(pfn);
-        let gen = generation(page) + 1;
-        write_page(page, seed, pfn, gen);
-        if let Some(d) = &mut self.dirty {
-            d.insert(pfn);
+        let mut page = self.page(pfn);
+        let gen = generation(&page[..]) + 1;
+        write_page(&mut page[..], self.seed, pfn, gen);
+        if self.shared.write_page(pfn, Some(&page[..])).is_ok() {
+            self.shared.mark_dirty(pfn);
         }
         true
     }
 
     /// Starts (or restarts) the dirty log, empty.
     pub fn start_dirty_log(&mut self) {
-        self.dirty = Some(PageSet::new(self.page_count()));
+        self.shared.clear_dirty();
     }
 
     /// Takes up to `max` dirty pages out of the log; with the number still left.
     pub fn take_dirty(&mut self, max: usize) -> (Vec<u64>, u64) {
-        match &mut self.dirty {
-            Some(d) => {
-                let taken = d.take(max);
-                (taken, d.len())
-            }
-            None => (Vec::new(), 0),
-        }
+        self.shared.take_dirty(max)
     }
 
     /// Post-copy target: these pages have not arrived; the guest waits on them.
     pub fn mark_missing(&mut self, ranges: &[(u64, u64)]) {
-        let pages = self.page_count();
-        let missing = self.missing.get_or_insert_with(|| PageSet::new(pages));
         for &(start, len) in ranges {
-            for pfn in start..start.saturating_add(len).min(pages) {
-                missing.insert(pfn);
-            }
+            self.shared
+                .mark_missing_range(start, start.saturating_add(len));
         }
     }
 
     /// How many pages have not arrived.
     pub fn missing_count(&self) -> u64 {
-        self.missing.as_ref().map_or(0, PageSet::len)
+        self.shared.missing_count()
     }
 
     /// Stores a page that arrived by migration (`None`: a zero page). Not a guest write: the
     /// dirty log does not see it.
-    pub fn store(&mut self, pfn: u64, data: Option<&[u8]>) {
-        match data {
-            Some(d) => self.page_mut(pfn).copy_from_slice(d),
-            None => self.page_mut(pfn).fill(0),
-        }
-        if let Some(m) = &mut self.missing {
-            m.remove(pfn);
-        }
+    pub fn store(&mut self, pfn: u64, data: Option<&[u8]>) -> Result<(), SharedError> {
+        self.shared.write_page(pfn, data)?;
+        self.shared.clear_missing(pfn);
+        Ok(())
     }
 
     /// Up to `max` page numbers from `from` on whose pages are not all zero.
     pub fn nonzero(&self, from: u64, max: usize) -> Vec<u64> {
+        let mut page = [0u8; PAGE_SIZE];
         (from..self.page_count())
-            .filter(|&p| self.page(p).iter().any(|&b| b != 0))
+            .filter(|&p| {
+                self.shared.read_page(p, &mut page).is_ok()
+                    && !drift_protocol::transfer::is_zero_page(&page)
+            })
             .take(max)
             .collect()
     }
@@ -291,9 +219,9 @@ impl Memory {
             missing: self.missing_count(),
             ..Default::default()
         };
+        let mut page = [0u8; PAGE_SIZE];
         for pfn in 0..self.page_count() {
-            let page = self.page(pfn);
-            if !verify_page(page, pfn) {
+            if self.shared.read_page(pfn, &mut page).is_err() || !verify_page(&page, pfn) {
                 r.bad_count += 1;
                 if r.bad.len() < 16 {
                     r.bad.push(pfn);
@@ -312,7 +240,7 @@ mod tests {
 
     #[test]
     fn dirty_log_missing_pages_and_stores() {
-        let mut m = Memory::boot(300, 7);
+        let mut m = Memory::boot(300, 7).unwrap();
         m.touch(5);
         m.start_dirty_log();
         assert_eq!(m.take_dirty(10), (vec![], 0));
@@ -324,13 +252,13 @@ mod tests {
         assert_eq!(m.nonzero(0, 10), vec![1, 3, 5, 64, 200, 299]);
         assert_eq!(m.nonzero(100, 1), vec![200]);
 
-        let mut t = Memory::zeroed(300, 7);
+        let mut t = Memory::zeroed(300, 7).unwrap();
         t.mark_missing(&[(3, 2), (298, 10)]);
         assert_eq!(t.missing_count(), 4);
         assert!(!t.touch(4), "a missing page must not be written");
-        let page = m.page(3).to_vec();
-        t.store(3, Some(&page));
-        t.store(4, None);
+        let page = m.page(3);
+        t.store(3, Some(&page[..])).unwrap();
+        t.store(4, None).unwrap();
         assert!(t.touch(4));
         assert_eq!(t.missing_count(), 2);
         assert_eq!(t.page(3), m.page(3));
@@ -338,26 +266,28 @@ mod tests {
 
     #[test]
     fn written_pages_verify_and_any_damage_is_caught() {
-        let mut m = Memory::boot(8, 42);
+        let mut m = Memory::boot(8, 42).unwrap();
         for pfn in [0, 2, 3, 3, 3, 7] {
             m.touch(pfn);
         }
-        assert_eq!(generation(m.page(3)), 3);
+        assert_eq!(generation(&m.page(3)[..]), 3);
         let r = m.verify();
         assert_eq!((r.bad_count, r.written), (0, 4));
         assert!(m.page(CANARY_PFN).starts_with(CANARY));
 
         // A flipped bit, a page in the wrong place, a torn page.
-        let mut flipped = m.clone();
-        flipped.page_mut(2)[1000] ^= 1;
+        let flipped = m.duplicate().unwrap();
+        let mut p2 = m.page(2);
+        p2[1000] ^= 1;
+        flipped.set_page(2, &p2[..]).unwrap();
         assert_eq!(flipped.verify().bad, vec![2]);
-        let mut moved = m.clone();
-        let p3 = moved.page(3).to_vec();
-        moved.page_mut(7).copy_from_slice(&p3);
+        let moved = m.duplicate().unwrap();
+        moved.set_page(7, &m.page(3)[..]).unwrap();
         assert_eq!(moved.verify().bad, vec![7]);
-        let mut torn = m.clone();
-        let p0 = torn.page(0).to_vec();
-        torn.page_mut(2)[2048..].copy_from_slice(&p0[2048..]);
+        let torn = m.duplicate().unwrap();
+        let mut p2 = m.page(2);
+        p2[2048..].copy_from_slice(&m.page(0)[2048..]);
+        torn.set_page(2, &p2[..]).unwrap();
         assert_eq!(torn.verify().bad, vec![2]);
     }
 }

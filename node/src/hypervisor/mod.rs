@@ -17,6 +17,7 @@
 pub mod guest;
 pub mod qemu;
 pub mod qmp;
+pub mod shared;
 pub mod vmm;
 
 use std::collections::BTreeMap;

@@ -106,6 +106,8 @@ pub struct MigrationInfo {
     pub dirty_pages_rate: u64,
     pub postcopy_requests: u64,
     pub multifd_bytes: u64,
+    /// The auto-converge throttle QEMU applies to the guest, percent.
+    pub cpu_throttle_pct: u64,
     pub error_desc: Option<String>,
 }
 
@@ -128,6 +130,7 @@ impl MigrationInfo {
             dirty_pages_rate: u(ram, "dirty-pages-rate").unwrap_or(0),
             postcopy_requests: u(ram, "postcopy-requests").unwrap_or(0),
             multifd_bytes: u(ram, "multifd-bytes").unwrap_or(0),
+            cpu_throttle_pct: u(v, "cpu-throttle-percentage").unwrap_or(0),
             error_desc: s("error-desc"),
         }
     }
@@ -201,6 +204,10 @@ pub struct Qmp {
     shared: Arc<Shared>,
     lines: mpsc::Sender<Vec<u8>>,
     tasks: [AbortHandle; 2],
+    /// QEMU offered out-of-band execution and it is on: `exec-oob` commands run on the
+    /// monitor's own thread, even while the main loop is blocked (a post-copy target waiting
+    /// on a page that cannot come).
+    oob: bool,
 }
 
 impl Drop for Qmp {
@@ -230,7 +237,10 @@ impl Qmp {
             };
             let v = &qmp["version"]["qemu"];
             debug!(major = %v["major"], minor = %v["minor"], micro = %v["micro"], "QMP greeting");
-            Ok(Qmp::start(read, write))
+            let oob = qmp["capabilities"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c == "oob"));
+            Ok(Qmp::start(read, write, oob))
         };
         let qmp = tokio::time::timeout_at(deadline, greeted)
             .await
@@ -238,11 +248,12 @@ impl Qmp {
                 what: "QMP greeting".into(),
             })??;
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        qmp.execute("qmp_capabilities", None, left).await?;
+        let enable = qmp.oob.then(|| json!({ "enable": ["oob"] }));
+        qmp.execute("qmp_capabilities", enable, left).await?;
         Ok(qmp)
     }
 
-    fn start(read: BufReader<OwnedReadHalf>, write: OwnedWriteHalf) -> Qmp {
+    fn start(read: BufReader<OwnedReadHalf>, write: OwnedWriteHalf, oob: bool) -> Qmp {
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -259,6 +270,7 @@ impl Qmp {
             shared,
             lines,
             tasks: [reader.abort_handle(), writer.abort_handle()],
+            oob,
         }
     }
 
@@ -269,8 +281,30 @@ impl Qmp {
         arguments: Option<Value>,
         timeout: Duration,
     ) -> Result<Value, QmpError> {
+        self.send("execute", command, arguments, timeout).await
+    }
+
+    /// Runs `command` out of band where QEMU offers it (only commands QEMU allows out of
+    /// band, such as `migrate-recover`), else in band as [`Qmp::execute`].
+    pub async fn execute_oob(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Value, QmpError> {
+        let kind = if self.oob { "exec-oob" } else { "execute" };
+        self.send(kind, command, arguments, timeout).await
+    }
+
+    async fn send(
+        &self,
+        kind: &str,
+        command: &str,
+        arguments: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Value, QmpError> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut message = json!({ "execute": command, "id": id });
+        let mut message = json!({ kind: command, "id": id });
         if let Some(arguments) = arguments {
             message["arguments"] = arguments;
         }

@@ -23,6 +23,7 @@ use drift_protocol::transfer::{PageBatch, MAX_PAGES_PER_BATCH};
 use drift_protocol::Hash;
 
 use super::guest::{Memory, SplitMix, VerifyReport, CANARY_PFN};
+use super::shared::SharedError;
 use super::{RunState, VmSpec, SOCKET_FILE, SPEC_FILE};
 
 /// Largest request or response frame on the VMM socket.
@@ -71,6 +72,15 @@ pub enum Request {
         from: u64,
         max: u32,
     },
+    /// The guest memory and its bitmaps: answered with [`Response::Shared`] and the two memfds
+    /// as `SCM_RIGHTS` (see [`super::shared`]).
+    Share,
+    /// Slow the workload down by `pct` percent (at most 99) while a migration converges, as
+    /// QEMU's auto-converge throttles vCPUs. Not part of the device state: a VM that moved
+    /// runs at full speed on its new host, and `Resume` ends the throttle at home.
+    Throttle {
+        pct: u8,
+    },
 }
 
 /// What a VMM reports about its VM.
@@ -91,9 +101,19 @@ pub enum Response {
     Done,
     Verified(VerifyReport),
     Error(String),
-    Pfns { pfns: Vec<u64>, remaining: u64 },
-    Batch { batch: PageBatch, leaves: Vec<Hash> },
+    Pfns {
+        pfns: Vec<u64>,
+        remaining: u64,
+    },
+    Batch {
+        batch: PageBatch,
+        leaves: Vec<Hash>,
+    },
     Device(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The memfds of a memory of `pages` pages come with this answer.
+    Shared {
+        pages: u64,
+    },
 }
 
 /// The sandbox's device state: what the workload (the "vCPU") needs to carry on exactly where
@@ -119,6 +139,8 @@ pub struct Vmm {
     writes: AtomicU64,
     rng: AtomicU64,
     rate: AtomicU64,
+    /// Percent of the workload's speed taken away while a migration converges.
+    throttle: AtomicU8,
     faults: Mutex<std::collections::VecDeque<u64>>,
     started: Instant,
     stop: AtomicBool,
@@ -127,24 +149,25 @@ pub struct Vmm {
 impl Vmm {
     /// A VM from its spec: booted (canary in place, running) or, if `spec.incoming`, empty and
     /// waiting for a migration.
-    pub fn new(spec: VmSpec) -> Arc<Self> {
+    pub fn new(spec: VmSpec) -> Result<Arc<Self>, SharedError> {
         let pages = spec.memory_mib * 256;
         let memory = if spec.incoming {
-            Memory::zeroed(pages, spec.seed)
+            Memory::zeroed(pages, spec.seed)?
         } else {
-            Memory::boot(pages, spec.seed)
+            Memory::boot(pages, spec.seed)?
         };
-        Arc::new(Self {
+        Ok(Arc::new(Self {
             state: AtomicU8::new(if spec.incoming { INCOMING } else { RUNNING }),
             rng: AtomicU64::new(spec.seed ^ 0x5eed),
             rate: AtomicU64::new(spec.dirty_pages_per_s),
+            throttle: AtomicU8::new(0),
             spec,
             memory: Mutex::new(memory),
             writes: AtomicU64::new(0),
             faults: Mutex::new(std::collections::VecDeque::new()),
             started: Instant::now(),
             stop: AtomicBool::new(false),
-        })
+        }))
     }
 
     /// Starts the workload thread; it ends when the VM is destroyed ([`Vmm::shut_down`]).
@@ -169,6 +192,12 @@ impl Vmm {
 
     pub(crate) fn memory(&self) -> std::sync::MutexGuard<'_, Memory> {
         self.memory.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The migration throttle now applied, percent.
+    #[cfg(test)]
+    pub(crate) fn throttle_pct(&self) -> u8 {
+        self.throttle.load(Ordering::SeqCst)
     }
 
     pub(crate) fn info(&self) -> VmmInfo {
@@ -213,12 +242,11 @@ impl Vmm {
                     return bad(format!("page {p} beyond {pages}"));
                 }
                 let mem = self.memory();
-                let batch = PageBatch::build(round, pfns.iter().map(|&p| (p, mem.page(p))));
-                drop(mem);
-                match batch.checked_leaves(pages) {
-                    Ok(leaves) => Response::Batch { batch, leaves },
-                    Err(e) => bad(e.to_string()),
-                }
+                // Every page number was checked against the memory above.
+                let (batch, leaves) = PageBatch::build_with(round, &pfns, |pfn, out| {
+                    let _ = mem.shared().read_page(pfn, out);
+                });
+                Response::Batch { batch, leaves }
             }
             Request::WriteBatch(batch) => {
                 if let Err(e) = batch.check(pages) {
@@ -226,7 +254,9 @@ impl Vmm {
                 }
                 let mut mem = self.memory();
                 for (pfn, data) in batch.pages() {
-                    mem.store(pfn, data);
+                    if let Err(e) = mem.store(pfn, data) {
+                        return bad(e.to_string());
+                    }
                 }
                 Response::Done
             }
@@ -277,7 +307,12 @@ impl Vmm {
                 Response::Done
             }
             Request::Resume => {
+                self.throttle.store(0, Ordering::SeqCst);
                 self.state.store(RUNNING, Ordering::SeqCst);
+                Response::Done
+            }
+            Request::Throttle { pct } => {
+                self.throttle.store(pct.min(99), Ordering::SeqCst);
                 Response::Done
             }
             Request::Verify => Response::Verified(self.memory().verify()),
@@ -286,6 +321,8 @@ impl Vmm {
                 self.pause();
                 Response::Done
             }
+            // `serve` sends the memfds with the answer.
+            Request::Share => Response::Shared { pages },
         }
     }
 
@@ -313,7 +350,8 @@ impl Vmm {
                 continue;
             }
             if blocked_on.is_none() {
-                owed += self.rate.load(Ordering::SeqCst) as f64 * tick.as_secs_f64();
+                let speed = f64::from(100 - self.throttle.load(Ordering::SeqCst).min(99)) / 100.0;
+                owed += self.rate.load(Ordering::SeqCst) as f64 * speed * tick.as_secs_f64();
             }
             let mut rng = SplitMix(self.rng.load(Ordering::SeqCst));
             let mut written = 0;
@@ -358,8 +396,14 @@ fn serve(vmm: &Vmm, mut stream: UnixStream) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
     while let Ok(req) = read_frame::<Request>(&mut stream) {
         let destroy = matches!(req, Request::Destroy);
+        let share = matches!(req, Request::Share);
         let resp = vmm.handle(req);
-        let written = stream.write_all(&encode_frame(&resp));
+        let frame = encode_frame(&resp);
+        let written = if share {
+            super::shared::send_with_fds(&stream, &vmm.memory().shared().fds(), &frame)
+        } else {
+            stream.write_all(&frame)
+        };
         if destroy {
             vmm.stop.store(true, Ordering::SeqCst);
         }
@@ -373,7 +417,7 @@ fn serve(vmm: &Vmm, mut stream: UnixStream) {
 /// and exits on `Destroy` or when `dir` is removed.
 pub fn run(dir: &Path) -> anyhow::Result<()> {
     let spec: VmSpec = toml::from_str(&std::fs::read_to_string(dir.join(SPEC_FILE))?)?;
-    let vmm = Vmm::new(spec);
+    let vmm = Vmm::new(spec)?;
     let sock: PathBuf = dir.join(SOCKET_FILE);
     let _ = std::fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock)?;
@@ -456,8 +500,8 @@ mod tests {
 
     impl Link {
         fn new(mode: Mode) -> Self {
-            let src = Vmm::new(spec(false, 20_000));
-            let dst = Vmm::new(spec(true, 20_000));
+            let src = Vmm::new(spec(false, 20_000)).unwrap();
+            let dst = Vmm::new(spec(true, 20_000)).unwrap();
             let key = SecretKey::from_bytes(&[1; 32]);
             let target_key = SecretKey::from_bytes(&[2; 32]);
             let pages = src.page_count();
@@ -467,6 +511,7 @@ mod tests {
                 source: key.public(),
                 mode,
                 page_count: pages,
+                data_connections: 0,
             };
             Self {
                 rx: Receiver::new(accepted.clone()),
@@ -601,6 +646,7 @@ mod tests {
             mode: l.accepted.mode,
             page_size: PAGE_SIZE as u32,
             page_count: l.accepted.page_count,
+            data_connections: 0,
         };
         l.deliver(&TransferFrame::Start(s));
     }

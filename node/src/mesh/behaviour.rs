@@ -32,7 +32,7 @@ pub(crate) struct Behaviour {
     pub(crate) limits: connection_limits::Behaviour,
     pub(crate) gossipsub: gossipsub::Behaviour,
     pub(crate) identify: identify::Behaviour,
-    /// Raw streams: one per migration (`/drift/migrate/1`).
+    /// Raw streams: one per migration (`/drift/migrate/2`).
     pub(crate) stream: libp2p_stream::Behaviour,
 }
 

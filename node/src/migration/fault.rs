@@ -10,8 +10,8 @@
 //!   `target:rounds` (a round after the first arrived), `target:complete-received` (before
 //!   verifying), `target:commit-sent`;
 //! - action: `kill` (the node sends itself SIGKILL: exactly `kill -9` at that point; VMs live
-//!   in their own processes and survive it), `cut` (every connection to the peer is closed,
-//!   as by a network fault; the node carries on), `halt` (the migration waits at that point
+//!   in their own processes and survive it), `cut` (every connection to the peer, mesh and
+//!   data, is closed, as by a network fault; the node carries on), `halt` (the migration waits at that point
 //!   while the file `<state_dir>/fault-halt` exists, at most two minutes; another process
 //!   kills or cuts meanwhile, then removes the file).
 //!
@@ -108,8 +108,15 @@ impl Fault {
         })
     }
 
-    /// Called by the migration at `point` with its peer; acts once if this is the point.
-    pub async fn at(&self, point: Point, peer: &NodeId, mesh: &Client) {
+    /// Called by the migration at `point` with its peer; acts once if this is the point. A cut
+    /// severs the mesh connections and the data connections with the peer.
+    pub async fn at(
+        &self,
+        point: Point,
+        peer: &NodeId,
+        mesh: &Client,
+        data: Option<&crate::dataplane::DataPlane>,
+    ) {
         if point != self.point || self.fired.swap(true, Ordering::SeqCst) {
             return;
         }
@@ -124,6 +131,9 @@ impl Fault {
                 std::future::pending::<()>().await;
             }
             Action::Cut => {
+                if let Some(d) = data {
+                    d.cut(peer);
+                }
                 let _ = mesh.disconnect(peer).await;
             }
             Action::Halt => {

@@ -8,8 +8,15 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use drift_protocol::policy::{Detector, MigrationModel, PolicyConfig};
+
+mod admission;
+mod data;
+mod migration;
+pub use admission::{AdmissionSection, MAX_INCOMING_STREAMS};
+pub use data::{DataSection, MAX_DATA_CONNECTIONS_PER_MIGRATION};
 use drift_protocol::NodeId;
 use libp2p::Multiaddr;
+pub use migration::MigrationSection;
 use serde::{Deserialize, Serialize};
 
 /// What was wrong with a config file.
@@ -50,6 +57,13 @@ pub struct Config {
     pub vm: Vec<crate::control::CreateVm>,
     #[serde(default)]
     pub qemu: QemuSection,
+    #[serde(default)]
+    pub data: DataSection,
+    #[serde(default)]
+    pub admission: AdmissionSection,
+    /// Defaults of the migrations this node sends.
+    #[serde(default)]
+    pub migration: MigrationSection,
 }
 
 /// QEMU VMs arriving by migration.
@@ -214,6 +228,11 @@ pub struct BalanceSection {
     /// incoming migrations).
     #[serde(default = "yes")]
     pub enabled: bool,
+    /// Let the autopilot move a VM that pre-copy cannot move within its limits by hybrid
+    /// (post-copy once pre-copy stops converging). Off by default, as KubeVirt's
+    /// `allowPostCopy`: a post-copy VM is lost if its source dies mid-migration.
+    #[serde(default)]
+    pub allow_postcopy: bool,
     /// Decide and explain, but never offer a VM (`drift decisions` shows what it would do).
     #[serde(default)]
     pub dry_run: bool,
@@ -277,6 +296,7 @@ impl Default for BalanceSection {
     fn default() -> Self {
         Self {
             enabled: true,
+            allow_postcopy: false,
             dry_run: false,
             interval: default_balance_interval(),
             upper_permille: default_upper(),
@@ -562,6 +582,9 @@ impl Config {
             }
             vm.clone().to_spec().map_err(|e| ("vm", e))?;
         }
+        self.data.validate()?;
+        self.admission.validate()?;
+        self.migration.validate()?;
         self.balance.validate()
     }
 
