@@ -183,3 +183,24 @@ pub async fn write_typed<W: AsyncWrite + Unpin, T: serde::Serialize>(
 ) -> std::io::Result<()> {
     write_bounded(w, &encode_frame(value), true).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An empty or oversized header is refused from its four length bytes, while the peer
+    /// keeps the stream open and sends nothing more: no wait for a negotiation timeout.
+    #[tokio::test]
+    async fn an_impossible_header_is_refused_without_waiting_for_more() {
+        for header in [[0u8, 0, 0, 0], [0xff, 0xff, 0xff, 0xff]] {
+            let (mut peer, mut ours) = tokio::io::duplex(64);
+            peer.write_all(&header).await.unwrap();
+            let read = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut ours)).await;
+            let Ok(Err(e)) = read else {
+                panic!("{header:?}: not refused at once: {read:?}");
+            };
+            assert!(decode_error(&e).is_some(), "{header:?}: {e}");
+            drop(peer);
+        }
+    }
+}
