@@ -170,8 +170,9 @@ const PAGES_VARIANT: u32 = 1;
 /// Bytes of a page batch's hash, the last field of its encoding.
 const HASH_LEN: usize = 32;
 /// The longest a numbered `Pages` frame's payload can be up to its page data: the number,
-/// the variants, the round, [`MAX_PAGES_PER_BATCH`] entries and the data's length.
-pub const MAX_PAGES_HEAD: usize = 10 + 5 + 5 + 3 + MAX_PAGES_PER_BATCH * 11 + 5;
+/// the variants, the round, [`MAX_PAGES_PER_BATCH`] entries (page number, kind, and a packed
+/// page's length) and the data's length.
+pub const MAX_PAGES_HEAD: usize = 10 + 5 + 5 + 3 + MAX_PAGES_PER_BATCH * (10 + 1 + 3) + 5;
 
 /// A numbered `Pages` frame cut around its page data, so the data moves from the batch to the
 /// connection, and from the connection into a batch, with no copy of its own: `head ‖ data ‖

@@ -166,6 +166,13 @@ const CHECK: Bound = Bound {
 };
 
 /// No decode may ever hold more than this, whatever the input.
+/// `into_checked` of a batch's clone: the clone, a packed batch's expansion (at most a batch of
+/// full pages, with its entries) and the leaves.
+const EXPAND: Bound = Bound {
+    per_byte: 2,
+    fixed: MAX_PAGES_PER_BATCH * (PAGE_SIZE + 32 + 2 * std::mem::size_of::<PageEntry>()),
+};
+
 const HARD_LIMIT: usize = 2 * MAX_FRAME_LEN;
 
 // ---------------------------------------------------------------------------------------------
@@ -963,7 +970,13 @@ fn corpus(rng: &mut StdRng) -> (World, Vec<Item>) {
             .map(|_| (rng.gen_range(0..1 << 18), page(rng)))
             .collect();
         let batch = PageBatch::build(rng.gen(), pages.iter().map(|(pfn, p)| (*pfn, &p[..])));
+        // Its packed form too, where a page packs (a page of one repeated byte does).
+        let mut packed = batch.clone();
+        packed.pack(&mut Vec::new());
         frames.push(TransferFrame::Pages(batch));
+        if packed.is_packed() {
+            frames.push(TransferFrame::Pages(packed));
+        }
     }
     items.extend(frames.iter().map(item));
     // The data plane: bindings, answers, numbered frames.
@@ -1540,6 +1553,23 @@ impl Fuzz<'_> {
                     let full = batch.pages().filter(|(_, d)| d.is_some()).count();
                     assert_eq!(batch.data.len(), full * PAGE_SIZE, "{origin}");
                     assert!(batch.entries.len() <= MAX_PAGES_PER_BATCH, "{origin}");
+                }
+                // How a node takes a batch: expanded (if packed), then checked. What it takes
+                // holds no packed page, and an unpacked batch is taken exactly when it checks.
+                let taken = self.stats.run(
+                    "PageBatch::into_checked",
+                    EXPAND,
+                    input,
+                    origin,
+                    |r: &Result<_, _>| r.is_ok(),
+                    || batch.clone().into_checked(u64::MAX),
+                );
+                if let Ok(checked) = &taken {
+                    assert!(!checked.batch().is_packed(), "{origin}");
+                    assert_eq!(checked.batch().hash, batch.hash, "{origin}");
+                }
+                if !batch.is_packed() {
+                    assert_eq!(taken.is_ok(), any.is_ok(), "{origin}");
                 }
             }
             TransferFrame::DeviceState(d) => {

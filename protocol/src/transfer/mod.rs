@@ -117,6 +117,10 @@ pub enum PageKind {
     Zero,
     /// `PAGE_SIZE` bytes of data follow in the batch's data, in entry order.
     Full,
+    /// The page's data follows as one LZ4 block of this many bytes (fewer than `PAGE_SIZE`),
+    /// in entry order; it expands to exactly `PAGE_SIZE` bytes. A transport encoding only: the
+    /// batch hash and the page's leaf are those of the page itself (see [`packed`]).
+    Packed(u16),
 }
 
 /// One page of a batch.
@@ -168,6 +172,10 @@ pub enum FrameError {
     BadDeviceHash,
     #[error("page request of {0} pages exceeds {MAX_PAGE_REQUEST}")]
     RequestTooLarge(usize),
+    #[error("packed page {pfn} does not expand to one page")]
+    BadPacked { pfn: u64 },
+    #[error("a batch with packed pages is taken only expanded (PageBatch::into_checked)")]
+    Unexpanded,
 }
 
 /// Whether `page` is all zeros.
@@ -273,9 +281,11 @@ impl PageBatch {
             let leaf = match e.kind {
                 PageKind::Zero => zero_leaf(),
                 PageKind::Full => pages.next().map(page_leaf).unwrap_or(Hash::ZERO),
+                // Never hashed packed: batches are hashed before packing and after expanding.
+                PageKind::Packed(_) => Hash::ZERO,
             };
             h.update(&e.pfn.to_le_bytes());
-            h.update(&[matches!(e.kind, PageKind::Full) as u8]);
+            h.update(&[!matches!(e.kind, PageKind::Zero) as u8]);
             h.update(&leaf.0);
             leaves.push(leaf);
         }
@@ -288,10 +298,16 @@ impl PageBatch {
     }
 
     /// [`PageBatch::check`], keeping the result: the only way to make a [`CheckedBatch`].
+    /// Packed pages are expanded first: a checked batch holds only zero and full pages.
     pub fn into_checked(self, page_count: u64) -> Result<CheckedBatch, FrameError> {
-        let leaves = self.checked_leaves(page_count)?;
+        let batch = if self.is_packed() {
+            self.expand()?
+        } else {
+            self
+        };
+        let leaves = batch.checked_leaves(page_count)?;
         Ok(CheckedBatch {
-            batch: self,
+            batch,
             leaves,
             page_count,
         })
@@ -301,6 +317,9 @@ impl PageBatch {
     pub fn checked_leaves(&self, page_count: u64) -> Result<Vec<Hash>, FrameError> {
         if self.entries.len() > MAX_PAGES_PER_BATCH {
             return Err(FrameError::TooManyPages(self.entries.len()));
+        }
+        if self.is_packed() {
+            return Err(FrameError::Unexpanded);
         }
         let mut full = 0usize;
         for e in &self.entries {
@@ -326,12 +345,13 @@ impl PageBatch {
     }
 
     /// The pages in order: `(pfn, Some(data))` or `(pfn, None)` for a zero page. Only
-    /// meaningful after [`PageBatch::check`].
+    /// meaningful after [`PageBatch::check`] (which a packed batch does not pass).
     pub fn pages(&self) -> impl Iterator<Item = (u64, Option<&[u8]>)> + '_ {
         let mut chunks = self.data.chunks_exact(PAGE_SIZE);
         self.entries.iter().map(move |e| match e.kind {
             PageKind::Zero => (e.pfn, None),
-            PageKind::Full => (e.pfn, chunks.next()),
+            // A packed batch never passes its check; expanded, it holds no packed page.
+            PageKind::Full | PageKind::Packed(_) => (e.pfn, chunks.next()),
         })
     }
 }
@@ -513,6 +533,7 @@ pub fn zero_leaf() -> Hash {
 pub mod convergence;
 pub mod deadline;
 mod leaves;
+pub mod packed;
 pub mod receiver;
 pub mod recover;
 pub mod sender;
