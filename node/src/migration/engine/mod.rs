@@ -322,6 +322,10 @@ pub struct SourceParams {
     pub limits: Limits,
     /// Bytes per second at most on the stream.
     pub bandwidth_cap: Option<u64>,
+    /// Pack page data (LZ4, page by page, where it saves an eighth; see
+    /// [`drift_protocol::transfer::packed`]). Sandbox VMs only: a QEMU stream travels as
+    /// QEMU wrote it.
+    pub compress: bool,
     /// How long to wait for the target's commit.
     pub commit_timeout: Duration,
     /// What a switchover costs besides moving the last pages (pausing, the device state, the
@@ -353,6 +357,7 @@ impl SourceParams {
             mode,
             limits,
             bandwidth_cap: None,
+            compress: false,
             commit_timeout: Duration::from_secs(30),
             switchover_cost: DEFAULT_SWITCHOVER_COST,
         }

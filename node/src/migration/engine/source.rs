@@ -21,7 +21,10 @@ use super::{
 };
 use crate::hypervisor::vmm::{Request, Response};
 use crate::migration::link::{Incoming, Link};
-use crate::migration::recover::{Reconnect, RECOVER_TIMEOUT};
+use crate::migration::recover::Reconnect;
+
+mod postcopy;
+use postcopy::Pending;
 
 /// Dirty pages fetched per request.
 const DIRTY_CHUNK: u32 = 65_536;
@@ -80,14 +83,18 @@ impl<V: VmmAccess, H: Hooks, R: Reconnect> Source<'_, V, H, R> {
     }
 
     async fn send_pages(&mut self, round: u32, pfns: &[u64]) -> Result<(), EngineError> {
+        let mut scratch = Vec::new();
         for chunk in pfns.chunks(MAX_PAGES_PER_BATCH) {
             // A cancel counts only before switchover; after it, the pages must go.
             if self.cancel.is_cancelled() && self.sender.may_resume_here() {
                 return Err(EngineError::Cancelled);
             }
-            let (batch, leaves) = self.vm.read_batch(round, chunk).await?;
+            let (mut batch, leaves) = self.vm.read_batch(round, chunk).await?;
             for (e, l) in batch.entries.iter().zip(leaves) {
                 self.leaves.set(e.pfn, l);
+            }
+            if self.params.compress {
+                batch.pack(&mut scratch);
             }
             self.progress.pages_sent += batch.entries.len() as u64;
             self.send(TransferFrame::Pages(batch)).await?;
@@ -107,6 +114,16 @@ impl<V: VmmAccess, H: Hooks, R: Reconnect> Source<'_, V, H, R> {
                 return Ok(all);
             }
         }
+    }
+
+    /// Names `pages` (sorted, each once) to the target as stale, in runs.
+    async fn name_stale(&mut self, pages: &[u64]) -> Result<(), EngineError> {
+        for chunk in runs(pages).chunks(MAX_STALE_RANGES) {
+            let ranges = chunk.to_vec();
+            self.send(TransferFrame::Stale(StaleRanges { ranges }))
+                .await?;
+        }
+        Ok(())
     }
 
     /// Every page number whose page is not all zero (asked of the VMM in chunks).
@@ -296,121 +313,6 @@ impl<V: VmmAccess, H: Hooks, R: Reconnect> Source<'_, V, H, R> {
             }
         }
     }
-
-    /// Post-copy: serves the target's requests first and pushes the rest, each page once,
-    /// until none is pending. `Some(outcome)`: the target gave up meanwhile.
-    async fn push(
-        &mut self,
-        pending: &mut Pending,
-        round: u32,
-        pushed: &mut bool,
-    ) -> Result<Option<SourceOutcome>, EngineError> {
-        while !pending.is_empty() {
-            let mut urgent = Vec::new();
-            while let Some(step) = self.poll_target()? {
-                match step {
-                    SenderStep::ServePages(pfns) => {
-                        urgent.extend(pfns.into_iter().filter(|&p| pending.contains(p)))
-                    }
-                    SenderStep::TargetAborted { reason, .. } => {
-                        return Ok(Some(SourceOutcome::Unknown {
-                            reason: format!("target aborted after switchover: {reason:?}"),
-                        }))
-                    }
-                    SenderStep::Committed(_) => {
-                        return Err(EngineError::Protocol("commit before complete".into()))
-                    }
-                    SenderStep::Applied(_) | SenderStep::Missing { .. } => {}
-                }
-            }
-            let batch: Vec<u64> = if urgent.is_empty() {
-                pending.lowest(MAX_PAGES_PER_BATCH)
-            } else {
-                urgent.sort_unstable();
-                urgent.dedup();
-                urgent
-            };
-            for &p in &batch {
-                pending.remove(p);
-            }
-            self.send_pages(round, &batch).await?;
-            if !*pushed {
-                *pushed = true;
-                self.link.out.flush().await?;
-                self.hooks.at(Point::Pushing).await?;
-            }
-        }
-        Ok(None)
-    }
-
-    /// Post-copy: a new link in place of the broken one, and the pages the target still
-    /// lacks. Tries for [`RECOVER_TIMEOUT`]; an error means the outcome must be resolved.
-    async fn relink(&mut self, attempt: &mut u32, why: &str) -> Result<Vec<u64>, EngineError> {
-        warn!(
-            why,
-            "post-copy link broke: the VM runs on the target; opening a new link"
-        );
-        self.progress.phase = "recovering".into();
-        let _ = self.watch.send(self.progress.clone());
-        let deadline = Instant::now() + RECOVER_TIMEOUT;
-        let mut delay = Duration::from_millis(250);
-        let link = loop {
-            *attempt += 1;
-            match self.reconnect.reconnect(*attempt).await {
-                Ok(link) => break link,
-                Err(e) if Instant::now() + delay > deadline => {
-                    return Err(EngineError::Protocol(format!(
-                        "no new link within {RECOVER_TIMEOUT:?}: {e}"
-                    )))
-                }
-                Err(e) => {
-                    tracing::debug!(attempt = *attempt, error = %e, "recovery attempt failed");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
-                }
-            }
-        };
-        self.link = link;
-        self.sender.relinked();
-        // The target names every page it lacks, then asks again for those its guest waits on.
-        let mut missing = Vec::new();
-        loop {
-            let next = tokio::time::timeout(APPLIED_TIMEOUT, self.link.inbound.recv()).await;
-            let frame = match next {
-                Ok(Some(Ok(Incoming::Frame(f)))) => f,
-                other => {
-                    return Err(EngineError::Protocol(format!(
-                        "the recovered link gave no missing pages: {other:?}"
-                    )))
-                }
-            };
-            match self.sender.on_frame(&frame) {
-                Ok(SenderStep::Missing { ranges, done }) => {
-                    for (start, len) in ranges {
-                        missing.extend(start..start + len);
-                    }
-                    if done {
-                        break;
-                    }
-                }
-                Ok(SenderStep::Applied(_) | SenderStep::ServePages(_)) => {}
-                Ok(other) => {
-                    return Err(EngineError::Protocol(format!(
-                        "unexpected {other:?} on the recovered link"
-                    )))
-                }
-                Err(e) => return Err(EngineError::Protocol(e.to_string())),
-            }
-        }
-        info!(
-            attempt = *attempt,
-            missing = missing.len(),
-            "post-copy goes on over a new link"
-        );
-        self.progress.phase = "post-copy".into();
-        let _ = self.watch.send(self.progress.clone());
-        Ok(missing)
-    }
 }
 
 /// Runs the source side over `link`, on which the transfer's `Start` already went out. The VM
@@ -573,10 +475,15 @@ async fn source_loop<V: VmmAccess, H: Hooks, R: Reconnect>(
         }
     }
 
-    // Post-copy: the pages the target will lack are every non-zero page; found while the VM
-    // still runs (pages it writes from here on are in the dirty log, taken after the pause).
+    // Post-copy: the pages the target will lack are every non-zero page; found and named to
+    // the target while the VM still runs, so neither the scan nor the naming is downtime
+    // (pages it writes from here on are in the dirty log, taken after the pause, and only
+    // those not named already are named then). Nothing else precedes them: pure post-copy
+    // sends no round.
     let nonzero = if s.params.mode == Mode::PostCopy {
-        s.nonzero(t.page_count).await?
+        let nonzero = s.nonzero(t.page_count).await?;
+        s.name_stale(&nonzero).await?;
+        nonzero
     } else {
         Vec::new()
     };
@@ -616,14 +523,16 @@ async fn source_loop<V: VmmAccess, H: Hooks, R: Reconnect>(
     }
 
     // Post-copy (or pre-copy that fell back to it): the target lacks every page not yet sent.
+    // Pure post-copy named the non-zero pages before the pause: only the others go now.
     if s.params.mode == Mode::PostCopy {
-        last = union(&last, &nonzero);
+        last = difference(&last, &nonzero);
     }
-    let stale = last;
-    for chunk in runs(&stale).chunks(MAX_STALE_RANGES) {
-        let ranges = chunk.to_vec();
-        s.send(TransferFrame::Stale(StaleRanges { ranges })).await?;
-    }
+    s.name_stale(&last).await?;
+    let stale = if s.params.mode == Mode::PostCopy {
+        union(&last, &nonzero)
+    } else {
+        last
+    };
     tracing::debug!(migration = %t.id.short(), stale = stale.len(), at_ms = paused_at.elapsed().as_secs_f64() * 1e3, "switchover: stale pages named");
     s.sender.switched();
     s.send(TransferFrame::DeviceState(DeviceState::new(device)))
@@ -665,6 +574,21 @@ async fn source_loop<V: VmmAccess, H: Hooks, R: Reconnect>(
     }
 }
 
+/// The pages of sorted list `a` that are not in sorted list `b`, sorted.
+fn difference(a: &[u64], b: &[u64]) -> Vec<u64> {
+    let mut out = Vec::with_capacity(a.len());
+    let mut j = 0;
+    for &p in a {
+        while j < b.len() && b[j] < p {
+            j += 1;
+        }
+        if b.get(j) != Some(&p) {
+            out.push(p);
+        }
+    }
+    out
+}
+
 /// The union of two sorted lists of page numbers, sorted, each page once.
 fn union(a: &[u64], b: &[u64]) -> Vec<u64> {
     let mut out = Vec::with_capacity(a.len() + b.len());
@@ -689,73 +613,6 @@ fn union(a: &[u64], b: &[u64]) -> Vec<u64> {
         out.push(next);
     }
     out
-}
-
-/// Post-copy: the pages the target still lacks, as a bitmap (a 1 GiB VM's 262,144 pages
-/// cost 32 KiB), handed out lowest first.
-struct Pending {
-    words: Vec<u64>,
-    left: usize,
-    /// No page below word `cursor` is pending.
-    cursor: usize,
-}
-
-impl Pending {
-    fn new(page_count: u64, pages: &[u64]) -> Self {
-        let mut words = vec![0u64; page_count.div_ceil(64) as usize];
-        let mut left = 0;
-        for &p in pages {
-            if let Some(w) = words.get_mut((p / 64) as usize) {
-                let bit = 1 << (p % 64);
-                left += usize::from(*w & bit == 0);
-                *w |= bit;
-            }
-        }
-        Self {
-            words,
-            left,
-            cursor: 0,
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.left == 0
-    }
-
-    fn contains(&self, p: u64) -> bool {
-        self.words
-            .get((p / 64) as usize)
-            .is_some_and(|w| w & (1 << (p % 64)) != 0)
-    }
-
-    fn remove(&mut self, p: u64) {
-        if let Some(w) = self.words.get_mut((p / 64) as usize) {
-            let bit = 1 << (p % 64);
-            if *w & bit != 0 {
-                *w &= !bit;
-                self.left -= 1;
-            }
-        }
-    }
-
-    /// Up to `max` pending pages, lowest first (still pending until removed).
-    fn lowest(&mut self, max: usize) -> Vec<u64> {
-        let mut out = Vec::with_capacity(max);
-        while self.cursor < self.words.len() && self.words[self.cursor] == 0 {
-            self.cursor += 1;
-        }
-        for (w, &word) in self.words.iter().enumerate().skip(self.cursor) {
-            let mut bits = word;
-            while bits != 0 && out.len() < max {
-                out.push(w as u64 * 64 + u64::from(bits.trailing_zeros()));
-                bits &= bits - 1;
-            }
-            if out.len() == max {
-                break;
-            }
-        }
-        out
-    }
 }
 
 /// Sorted page numbers as runs of consecutive pages `(start, len)`.
@@ -799,28 +656,20 @@ async fn complete<V: VmmAccess, H: Hooks, R: Reconnect>(
 
 #[cfg(test)]
 mod tests {
-    use super::{runs, union, Pending};
+    use super::{difference, runs, union};
+
+    #[test]
+    fn a_sorted_difference_keeps_only_pages_not_named_before() {
+        assert_eq!(difference(&[1, 2, 5, 9, 10], &[0, 2, 3, 9]), vec![1, 5, 10]);
+        assert_eq!(difference(&[], &[1]), Vec::<u64>::new());
+        assert_eq!(difference(&[4, 7], &[]), vec![4, 7]);
+    }
 
     #[test]
     fn sorted_page_lists_merge_once_each() {
         assert_eq!(union(&[1, 4, 9], &[2, 4, 10, 11]), vec![1, 2, 4, 9, 10, 11]);
         assert_eq!(union(&[], &[3]), vec![3]);
         assert_eq!(union(&[5], &[]), vec![5]);
-    }
-
-    #[test]
-    fn pending_pages_go_lowest_first_and_each_once() {
-        let mut p = Pending::new(200, &[150, 3, 64, 3, 199]);
-        assert!(p.contains(64) && !p.contains(65) && !p.contains(10_000));
-        assert_eq!(p.lowest(2), vec![3, 64]);
-        p.remove(3);
-        p.remove(64);
-        p.remove(64);
-        assert_eq!(p.lowest(10), vec![150, 199]);
-        p.remove(199);
-        p.remove(150);
-        assert!(p.is_empty());
-        assert_eq!(p.lowest(10), Vec::<u64>::new());
     }
 
     #[test]

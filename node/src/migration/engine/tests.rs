@@ -29,6 +29,7 @@ fn spec(incoming: bool, dirty: u64) -> VmSpec {
         vcpus: 1,
         demand_permille: 100,
         dirty_pages_per_s: dirty,
+        page_random_pct: None,
         placement: Placement::default(),
         seed: 99,
         incoming,
@@ -83,18 +84,28 @@ async fn migrate(mode: Mode, dirty: u64, tamper: Option<Tamper>, conns: usize) -
         commit_timeout: Duration::from_secs(10),
         ..SourceParams::new(mode, limits)
     };
-    migrate_with(params, dirty, tamper, conns).await
+    migrate_with(params, dirty, tamper, conns, None).await
 }
 
-/// [`migrate`] with the source's parameters given.
+/// [`migrate`] with the source's parameters given; with `fill`, every page of the source
+/// (but the canary) is written first, that percent of each random, and the workload writes
+/// its pages the same way.
 async fn migrate_with(
     params: SourceParams,
     dirty: u64,
     tamper: Option<Tamper>,
     conns: usize,
+    fill: Option<u8>,
 ) -> Run {
     let mode = params.wire_mode();
-    let src = Vmm::new(spec(false, dirty)).unwrap();
+    let src = Vmm::new(VmSpec {
+        page_random_pct: fill,
+        ..spec(false, dirty)
+    })
+    .unwrap();
+    if let Some(pct) = fill {
+        fill_pages(&src, pct);
+    }
     let dst = Vmm::new(spec(true, dirty)).unwrap();
     let w1 = src.start_workload();
     let w2 = dst.start_workload();
@@ -250,6 +261,58 @@ async fn migrate_with(
     }
 }
 
+/// Writes every page but the canary as the guest would, `random_pct` percent random.
+fn fill_pages(vm: &Vmm, random_pct: u8) {
+    use crate::hypervisor::guest::{write_page_mixed, CANARY_PFN};
+    use drift_protocol::transfer::{PageBatch, MAX_PAGES_PER_BATCH};
+    let pfns: Vec<u64> = (0..16 * 256).filter(|&p| p != CANARY_PFN).collect();
+    let mut buf = vec![0u8; MAX_PAGES_PER_BATCH * PAGE_SIZE];
+    for chunk in pfns.chunks(MAX_PAGES_PER_BATCH) {
+        for (page, &pfn) in buf.chunks_exact_mut(PAGE_SIZE).zip(chunk) {
+            write_page_mixed(page, 99, pfn, 1, random_pct);
+        }
+        let batch = PageBatch::build(0, chunk.iter().copied().zip(buf.chunks_exact(PAGE_SIZE)));
+        assert!(matches!(
+            vm.handle(Request::WriteBatch(batch)),
+            Response::Done
+        ));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packed_pages_move_fewer_bytes_and_the_vm_verifies() {
+    for (mode, conns) in [(Mode::PreCopy, 0), (Mode::PreCopy, 2), (Mode::PostCopy, 2)] {
+        let mut sent = Vec::new();
+        for compress in [false, true] {
+            let mut limits = Limits {
+                max_rounds: 8,
+                ..Limits::default()
+            };
+            limits.max_downtime_ms = 10_000;
+            let params = SourceParams {
+                commit_timeout: Duration::from_secs(10),
+                compress,
+                ..SourceParams::new(mode, limits)
+            };
+            let r = migrate_with(params, 2_000, None, conns, Some(25)).await;
+            let SourceOutcome::Committed { progress, .. } = &r.source else {
+                panic!("{mode}, compress {compress}: {:?}", r.source);
+            };
+            assert!(verified_clean(&r.dst), "{mode}, compress {compress}");
+            sent.push(progress.bytes_sent);
+        }
+        // A quarter of each page random: LZ4 takes well over half of it away.
+        let memory = 16u64 << 20;
+        assert!(sent[0] >= memory, "{mode}: plain sent {}", sent[0]);
+        assert!(
+            sent[1] * 2 < sent[0],
+            "{mode} on {conns} connections: packed sent {} bytes, plain {}",
+            sent[1],
+            sent[0]
+        );
+    }
+}
+
 fn verified_clean(vm: &Vmm) -> bool {
     matches!(vm.handle(Request::Verify), Response::Verified(r) if r.bad_count == 0)
 }
@@ -359,7 +422,7 @@ async fn outrun(fallback: &str) -> (Run, Limits) {
         commit_timeout: Duration::from_secs(10),
         ..SourceParams::new(Mode::PreCopy, limits.clone())
     };
-    (migrate_with(params, 8_000, None, 0).await, limits)
+    (migrate_with(params, 8_000, None, 0, None).await, limits)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
