@@ -125,6 +125,7 @@ async fn start_vms(
                 vcpus: 1,
                 demand: vm.demand,
                 dirty_mib_per_s: 2.0,
+                page_random_pct: None,
                 jurisdictions: Vec::new(),
                 regions: Vec::new(),
                 anti_affinity: None,

@@ -108,6 +108,7 @@ impl Api {
             vcpus: 1,
             demand,
             dirty_mib_per_s: DIRTY_MIB_PER_S,
+            page_random_pct: None,
             jurisdictions: only.iter().map(|s| s.to_string()).collect(),
             regions: Vec::new(),
             anti_affinity: None,

@@ -44,7 +44,7 @@ use serde::Serialize;
 use super::transfer::{data_plane_leg, stream_leg, Leg, PagePayload, Payload};
 use super::{start_pair, two_node_configs, Pair, TempDir};
 use crate::control::{client, CreateVm, MigrationsView, StartMigration, VmsView};
-use crate::hypervisor::guest::{write_page, VerifyReport, CANARY_PFN};
+use crate::hypervisor::guest::{write_page_mixed, VerifyReport, CANARY_PFN};
 use crate::hypervisor::vmm::{Request, Response};
 use crate::hypervisor::{RunState, SOCKET_FILE};
 use crate::migration::service::MigrationView;
@@ -76,6 +76,8 @@ pub const OUTRUN_DIRTY_MIB_PER_S: f64 = 512.0;
 pub const OUTRUN_MAX_CAP_MIB_PER_S: u64 = 64;
 /// ...with this ceiling on its downtime.
 pub const OUTRUN_MAX_DOWNTIME_MS: u64 = 200;
+/// The compression cases' link cap (about 1 Gbit/s, where packing pays).
+pub const COMPRESSION_CAP_MIB_PER_S: u64 = 128;
 /// How long the outrun VM's dirty rate is measured before it moves.
 const OUTRUN_MEASURE: Duration = Duration::from_secs(1);
 
@@ -88,6 +90,8 @@ pub struct MigrateParams {
     pub hybrid: bool,
     /// Also run the outrun cases, on a VM of this size.
     pub outrun_memory_mib: Option<u64>,
+    /// Also run the compression cases, on a VM whose pages are this percent random.
+    pub compression_random_pct: Option<u8>,
     /// Switch over once the remaining pages fit in this (the service's default if `None`).
     pub downtime_limit_ms: Option<u64>,
     /// Any one migration gives up after this long.
@@ -171,6 +175,9 @@ pub struct MigrateFigures {
     pub outrun_memory_mib: Option<u64>,
     /// A VM dirtying faster than the link, one run per fallback.
     pub outrun: Vec<Run>,
+    /// The compression cases: pre-copy of a VM whose memory compresses, behind a link capped
+    /// at [`COMPRESSION_CAP_MIB_PER_S`], plain and packed.
+    pub compression: Vec<Run>,
     pub targets: Targets,
 }
 
@@ -191,8 +198,9 @@ const WARM_UP: Duration = Duration::from_millis(500);
 /// How long the VM may take to settle on each side after the commit.
 const SETTLE: Duration = Duration::from_secs(15);
 
-/// Writes every page of the VM (but the canary) as its guest would, through its VMM socket.
-async fn populate(sock: &Path, page_count: u64) -> anyhow::Result<()> {
+/// Writes every page of the VM (but the canary) as its guest would, `random_pct` percent
+/// random, through its VMM socket.
+async fn populate(sock: &Path, page_count: u64, random_pct: u8) -> anyhow::Result<()> {
     let mut conn = crate::hypervisor::connect(sock)
         .await
         .with_context(|| format!("connecting to {}", sock.display()))?;
@@ -204,7 +212,7 @@ async fn populate(sock: &Path, page_count: u64) -> anyhow::Result<()> {
     let pfns: Vec<u64> = (0..page_count).filter(|&p| p != CANARY_PFN).collect();
     for chunk in pfns.chunks(MAX_PAGES_PER_BATCH) {
         for (page, &pfn) in buf.chunks_exact_mut(PAGE_SIZE).zip(chunk) {
-            write_page(page, seed, pfn, 1);
+            write_page_mixed(page, seed, pfn, 1, random_pct);
         }
         let batch = PageBatch::build(0, chunk.iter().copied().zip(buf.chunks_exact(PAGE_SIZE)));
         match crate::hypervisor::exchange(&mut conn, &Request::WriteBatch(batch)).await? {
@@ -258,6 +266,10 @@ struct How {
     max_downtime_ms: Option<u64>,
     /// Cap the link at half the rate the VM is measured dirtying, just before it moves.
     outrun: bool,
+    /// Percent of each page written random (`None`: all of it).
+    random_pct: Option<u8>,
+    /// Pack page data.
+    compress: bool,
 }
 
 impl How {
@@ -270,6 +282,17 @@ impl How {
             cap_bytes_per_s: None,
             max_downtime_ms: None,
             outrun: false,
+            random_pct: None,
+            compress: false,
+        }
+    }
+
+    fn compression(random_pct: u8, compress: bool, p: &MigrateParams) -> Self {
+        Self {
+            random_pct: Some(random_pct),
+            compress,
+            cap_bytes_per_s: Some(COMPRESSION_CAP_MIB_PER_S << 20),
+            ..Self::plain(Mode::PreCopy, p.dirty_mib_per_s, p)
         }
     }
 
@@ -282,6 +305,8 @@ impl How {
             cap_bytes_per_s: None,
             max_downtime_ms: Some(OUTRUN_MAX_DOWNTIME_MS),
             outrun: true,
+            random_pct: None,
+            compress: false,
         }
     }
 }
@@ -303,6 +328,7 @@ async fn run_one(
         vcpus: 1,
         demand: 0.1,
         dirty_mib_per_s,
+        page_random_pct: how.random_pct,
         jurisdictions: Vec::new(),
         regions: Vec::new(),
         anti_affinity: None,
@@ -329,7 +355,7 @@ async fn migrate_created(
     let (mode, dirty_mib_per_s) = (how.mode, how.dirty_mib_per_s);
     let name = &vm.name;
     let sock = pair.a.state.vms.dir_of(&vm.id).join(SOCKET_FILE);
-    populate(&sock, page_count)
+    populate(&sock, page_count, how.random_pct.unwrap_or(100))
         .await
         .with_context(|| format!("writing the memory of {name}"))?;
     tokio::time::sleep(WARM_UP).await;
@@ -363,6 +389,7 @@ async fn migrate_created(
         bandwidth_cap_bytes_per_s: cap,
         max_downtime_ms: how.max_downtime_ms,
         fallback: how.fallback.clone(),
+        compress: how.compress,
         ..Default::default()
     };
     let t0 = Instant::now();
@@ -543,6 +570,13 @@ async fn runs(
             outrun.push(run_one(pair, &label, how, p, rates).await?);
         }
     }
+    let mut compression = Vec::new();
+    if let Some(pct) = p.compression_random_pct {
+        for (label, compress) in [("plain", false), ("packed", true)] {
+            let how = How::compression(pct, compress, p);
+            compression.push(run_one(pair, label, how, p, rates).await?);
+        }
+    }
     Ok(MigrateFigures {
         memory_mib: p.memory_mib,
         memory_bytes,
@@ -557,6 +591,7 @@ async fn runs(
         hybrid,
         outrun_memory_mib: p.outrun_memory_mib,
         outrun,
+        compression,
         targets: TARGETS,
     })
 }
@@ -572,6 +607,7 @@ mod tests {
             dirty_mib_per_s,
             hybrid: false,
             outrun_memory_mib: None,
+            compression_random_pct: None,
             downtime_limit_ms: None,
             timeout: Duration::from_secs(1),
         };

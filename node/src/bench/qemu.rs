@@ -3,7 +3,8 @@
 //! nodes' encrypted mesh, with drift's handoff), in the same run, alternating.
 //!
 //! Both use the same guest (deploy/guest), the same QEMU command line (drift's own), the same
-//! memory and the same migration settings (downtime limit, no bandwidth cap). Figures:
+//! memory and the same migration settings (downtime limit, no bandwidth cap), pre-copy or, with
+//! `--postcopy`, post-copy switched to once the first bytes moved. Figures:
 //!
 //! - total time: QEMU's `total-time` for the baseline; for drift, from the offer to the
 //!   target's commit (negotiation, QEMU's migration, the transcript check and the durable
@@ -38,6 +39,8 @@ pub struct QemuBenchParams {
     pub memory_mib: u64,
     /// Migrations of each kind.
     pub runs: u32,
+    /// Post-copy instead of pre-copy.
+    pub postcopy: bool,
     /// Holds `vmlinuz` and `initrd.img` (deploy/guest/build.sh).
     pub guest_dir: PathBuf,
     pub timeout: Duration,
@@ -64,6 +67,8 @@ pub struct QemuFigures {
     pub memory_mib: u64,
     pub accel: String,
     pub runs: u32,
+    /// `precopy` or `postcopy`.
+    pub mode: String,
     pub direct: Vec<QemuRun>,
     pub tunnelled: Vec<QemuRun>,
     pub direct_median: QemuRun,
@@ -205,6 +210,7 @@ pub async fn qemu(p: QemuBenchParams) -> anyhow::Result<QemuFigures> {
         memory_mib: p.memory_mib,
         accel: accel.to_string(),
         runs: p.runs,
+        mode: if p.postcopy { "postcopy" } else { "precopy" }.into(),
         total_ratio: t.total_ms / d.total_ms.max(1e-3),
         downtime_delta_ms: t.downtime_ms - d.downtime_ms,
         throughput_ratio: t.throughput_mib_per_s / d.throughput_mib_per_s.max(1e-9),
@@ -289,6 +295,7 @@ async fn direct_run(
         vcpus: 1,
         demand_permille: 0,
         dirty_pages_per_s: 0,
+        page_random_pct: None,
         placement: Placement::default(),
         seed: 1,
         incoming: false,
@@ -301,7 +308,7 @@ async fn direct_run(
     let (sq, dq) = (src.qmp().await?, dst.qmp().await?);
     let caps = [
         ("events", true),
-        ("postcopy-ram", false),
+        ("postcopy-ram", p.postcopy),
         ("multifd", false),
     ];
     sq.set_capabilities(&caps).await?;
@@ -315,8 +322,23 @@ async fn direct_run(
     let before = CpuMark::now();
     sq.execute("migrate", Some(uri), QMP_TIMEOUT).await?;
     let deadline = Instant::now() + p.timeout;
+    // Post-copy: switched to once the first bytes moved (as drift does), and the target
+    // resumed once it runs the incoming guest, as QEMU's autostart would.
+    let (mut switched, mut resumed) = (!p.postcopy, !p.postcopy);
     let info = loop {
         let info = sq.query_migrate().await?;
+        if !switched && info.status.as_deref() == Some("active") && info.ram_transferred > 0 {
+            sq.execute("migrate-start-postcopy", None, QMP_TIMEOUT)
+                .await?;
+            switched = true;
+        }
+        if switched && !resumed {
+            let d = dq.query_migrate().await?;
+            if d.status.as_deref() == Some("postcopy-active") {
+                dq.cont().await?;
+                resumed = true;
+            }
+        }
         match info.status.as_deref() {
             Some("completed") => break info,
             Some("failed" | "cancelled") => bail!("QEMU's migration failed: {:?}", info.error_desc),
@@ -327,7 +349,9 @@ async fn direct_run(
     let after = CpuMark::now();
     // The target was started paused (-S), as drift's are: resume it, as QEMU's own autostart
     // would have.
-    dq.cont().await?;
+    if !resumed {
+        dq.cont().await?;
+    }
     let total = info.total_time_ms.ok_or_else(|| anyhow!("no total-time"))? as f64;
     let downtime = info.downtime_ms.unwrap_or(0) as f64;
     let _ = sq.quit().await;
@@ -350,6 +374,7 @@ async fn tunnelled_run(p: &QemuBenchParams, pair: &Pair, i: u32) -> anyhow::Resu
         vcpus: 1,
         demand: 0.1,
         dirty_mib_per_s: 0.0,
+        page_random_pct: None,
         jurisdictions: Vec::new(),
         regions: Vec::new(),
         anti_affinity: None,
@@ -368,7 +393,11 @@ async fn tunnelled_run(p: &QemuBenchParams, pair: &Pair, i: u32) -> anyhow::Resu
         let req = StartMigration {
             vm: name.clone(),
             to: "node-2".into(),
-            mode: Mode::PreCopy,
+            mode: if p.postcopy {
+                Mode::PostCopy
+            } else {
+                Mode::PreCopy
+            },
             downtime_limit_ms: Some(DOWNTIME_LIMIT_MS),
             ..Default::default()
         };

@@ -28,6 +28,10 @@ pub struct QemuBenchArgs {
     /// Migrations of each kind (direct and tunnelled, alternating); medians are compared.
     #[arg(long, default_value_t = 3)]
     pub runs: u32,
+    /// Post-copy (QEMU's `postcopy-ram`, switched to once the first bytes moved) instead of
+    /// pre-copy, both kinds.
+    #[arg(long)]
+    pub postcopy: bool,
     /// Where deploy/guest/build.sh put vmlinuz and initrd.img.
     #[arg(long, env = "DRIFT_GUEST_DIR")]
     pub guest_dir: Option<std::path::PathBuf>,
@@ -92,6 +96,10 @@ pub struct MigrateBenchArgs {
     /// Memory of the VM of those cases.
     #[arg(long, default_value_t = crate::bench::migrate::OUTRUN_MEMORY_MIB)]
     pub outrun_memory_mib: u64,
+    /// Also run pre-copy of a VM whose pages are this percent random (the rest compresses),
+    /// behind a 128 MiB/s link, plain and with compression.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub compression: Option<u8>,
     /// Switch over once the remaining pages fit in this downtime (the node's default if unset).
     #[arg(long)]
     pub downtime_limit_ms: Option<u64>,
@@ -165,6 +173,7 @@ pub(crate) fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
                 crate::bench::qemu::QemuBenchParams {
                     memory_mib: a.memory_mib,
                     runs: a.runs,
+                    postcopy: a.postcopy,
                     guest_dir,
                     timeout: a.timeout,
                 },
@@ -182,6 +191,7 @@ pub(crate) fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
                 dirty_mib_per_s: a.dirty_mib_per_s,
                 hybrid: a.hybrid,
                 outrun_memory_mib: (!a.no_outrun).then_some(a.outrun_memory_mib),
+                compression_random_pct: a.compression,
                 downtime_limit_ms: a.downtime_limit_ms,
                 timeout: a.timeout,
             }))?;
@@ -193,6 +203,7 @@ pub(crate) fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
             let moved = [&f.baseline, &f.precopy, &f.postcopy]
                 .into_iter()
                 .chain(f.hybrid.as_ref())
+                .chain(&f.compression)
                 .all(|r| r.outcome == "committed" && r.verified_clean);
             // An outrun VM ends where its fallback says, clean, never switched over on an
             // expected downtime above its ceiling (the measured one is printed: it depends on
@@ -222,8 +233,8 @@ const MIB: f64 = 1024.0 * 1024.0;
 
 fn print_qemu(f: &crate::bench::qemu::QemuFigures) {
     println!(
-        "qemu, a {} MiB guest ({}), {} pre-copy migrations of each kind, medians",
-        f.memory_mib, f.accel, f.runs
+        "qemu, a {} MiB guest ({}), {} {} migrations of each kind, medians (downtime: QEMU's own)",
+        f.memory_mib, f.accel, f.runs, f.mode
     );
     let line = |name: &str, r: &crate::bench::qemu::QemuRun| {
         println!(
@@ -441,6 +452,21 @@ fn print_migrate(f: &MigrateFigures) {
                 .as_ref()
                 .map_or(String::new(), |w| format!("; {w}"))
         );
+    }
+    if let [plain, packed] = &f.compression[..] {
+        println!(
+            "compression: pre-copy of a VM whose pages are partly random (the rest compresses), link capped at {} MiB/s",
+            crate::bench::migrate::COMPRESSION_CAP_MIB_PER_S
+        );
+        println!("{}", run_line(plain));
+        println!("{}", run_line(packed));
+        if let (Some(a), Some(b)) = (plain.total_ms, packed.total_ms) {
+            println!(
+                "  packed vs plain: {:.2}x the bytes, {:.2}x the time",
+                packed.bytes_sent as f64 / (plain.bytes_sent as f64).max(1.0),
+                b / a.max(1e-9)
+            );
+        }
     }
     if let (Some(b), Some(p)) = (f.baseline.total_ms, f.precopy.total_ms) {
         println!(

@@ -41,6 +41,10 @@ pub struct CreateArgs {
     /// MiB of memory the workload rewrites per second.
     #[arg(long, default_value_t = 4.0)]
     pub dirty_mib_per_s: f64,
+    /// Percent of each page the workload writes random, the rest text that compresses
+    /// (sandbox VMs; default 100: nothing compresses).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub page_random_pct: Option<u8>,
     /// Jurisdictions the VM may run in (repeatable; none: anywhere).
     #[arg(long = "jurisdiction")]
     pub jurisdictions: Vec<String>,
@@ -168,6 +172,7 @@ pub(crate) fn run(cmd: VmCommand) -> anyhow::Result<ExitCode> {
                 vcpus: a.vcpus,
                 demand: a.demand,
                 dirty_mib_per_s: a.dirty_mib_per_s,
+                page_random_pct: a.page_random_pct,
                 jurisdictions: a.jurisdictions,
                 regions: a.regions,
                 anti_affinity: a.anti_affinity,

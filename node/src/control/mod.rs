@@ -109,6 +109,9 @@ pub struct CreateVm {
     pub demand: f64,
     #[serde(default)]
     pub dirty_mib_per_s: f64,
+    /// Percent of each page the workload writes random (sandbox VMs; default 100).
+    #[serde(default)]
+    pub page_random_pct: Option<u8>,
     #[serde(default)]
     pub jurisdictions: Vec<String>,
     #[serde(default)]
@@ -123,9 +126,13 @@ pub struct CreateVm {
 impl CreateVm {
     /// Checks the request and makes the VM's spec (a fresh id and seed).
     pub fn to_spec(self) -> Result<crate::hypervisor::VmSpec, String> {
-        if !(0.0..=1.0).contains(&self.demand) || !(0.0..=1024.0).contains(&self.dirty_mib_per_s) {
+        if !(0.0..=1.0).contains(&self.demand)
+            || !(0.0..=1024.0).contains(&self.dirty_mib_per_s)
+            || self.page_random_pct.is_some_and(|p| p > 100)
+        {
             return Err(format!(
-                "VM {:?}: demand must be 0.0 to 1.0 and dirty_mib_per_s 0 to 1024",
+                "VM {:?}: demand must be 0.0 to 1.0, dirty_mib_per_s 0 to 1024 and \
+                 page_random_pct 0 to 100",
                 self.name
             ));
         }
@@ -159,6 +166,7 @@ impl CreateVm {
             vcpus: self.vcpus.max(1),
             demand_permille: (self.demand * 1000.0).round() as u32,
             dirty_pages_per_s: (self.dirty_mib_per_s * 256.0).round() as u64,
+            page_random_pct: self.page_random_pct,
             placement: drift_protocol::migration::Placement {
                 jurisdictions: self.jurisdictions,
                 regions: self.regions,
@@ -212,6 +220,9 @@ pub struct StartMigration {
     pub progress_timeout_ms: Option<u64>,
     #[serde(default)]
     pub completion_timeout_per_gib_ms: Option<u64>,
+    /// Pack page data where it pays (sandbox VMs).
+    #[serde(default)]
+    pub compress: bool,
 }
 
 impl StartMigration {
@@ -240,6 +251,7 @@ impl StartMigration {
         }
         crate::migration::engine::SourceParams {
             bandwidth_cap: self.bandwidth_cap_bytes_per_s,
+            compress: self.compress,
             ..crate::migration::engine::SourceParams::new(self.mode, l)
         }
     }

@@ -44,9 +44,25 @@ fn checksum(body: &[u8]) -> u64 {
 
 /// Fills `page` as generation `gen` of page `pfn` of a VM seeded `seed`.
 pub fn write_page(page: &mut [u8], seed: u64, pfn: u64, gen: u64) {
+    write_page_mixed(page, seed, pfn, gen, 100);
+}
+
+/// What fills the part of a page body that is not random: memory of real guests holds text,
+/// code and tables that compress, where random bytes do not.
+const TEXT: &[u8] = b"drift sandbox guest page, generation and body follow; ";
+
+/// [`write_page`] with only `random_pct` percent of the body random (from its start) and the
+/// rest a repeated text, as memory that compresses.
+pub fn write_page_mixed(page: &mut [u8], seed: u64, pfn: u64, gen: u64, random_pct: u8) {
     let mut rng = SplitMix(seed ^ pfn.rotate_left(17) ^ gen.rotate_left(41));
-    for w in page[HEADER..].chunks_exact_mut(8) {
+    let body = &mut page[HEADER..];
+    let random = (body.len() * usize::from(random_pct.min(100)) / 100) & !7;
+    let (noise, text) = body.split_at_mut(random);
+    for w in noise.chunks_exact_mut(8) {
         w.copy_from_slice(&rng.next_u64().to_le_bytes());
+    }
+    for (i, b) in text.iter_mut().enumerate() {
+        *b = TEXT[(i + gen as usize) % TEXT.len()];
     }
     let sum = checksum(&page[HEADER..]);
     page[..8].copy_from_slice(&pfn.to_le_bytes());
@@ -87,6 +103,8 @@ pub fn canary_page(seed: u64) -> Vec<u8> {
 pub struct Memory {
     shared: SharedMemory,
     seed: u64,
+    /// Percent of each page body the workload writes random (see [`write_page_mixed`]).
+    random_pct: u8,
 }
 
 /// What a verification found.
@@ -108,7 +126,13 @@ impl Memory {
         Ok(Self {
             shared: SharedMemory::create(pages)?,
             seed,
+            random_pct: 100,
         })
+    }
+
+    /// The workload writes pages only `pct` percent random from here on.
+    pub fn set_random_pct(&mut self, pct: u8) {
+        self.random_pct = pct.min(100);
     }
 
     /// New guest memory: zero, with the canary in page 1.
@@ -162,7 +186,7 @@ impl Memory {
         }
         let mut page = self.page(pfn);
         let gen = generation(&page[..]) + 1;
-        write_page(&mut page[..], self.seed, pfn, gen);
+        write_page_mixed(&mut page[..], self.seed, pfn, gen, self.random_pct);
         if self.shared.write_page(pfn, Some(&page[..])).is_ok() {
             self.shared.mark_dirty(pfn);
         }

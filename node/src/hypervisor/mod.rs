@@ -58,6 +58,10 @@ pub struct VmSpec {
     pub demand_permille: u32,
     /// Pages the workload rewrites per second.
     pub dirty_pages_per_s: u64,
+    /// Percent of each page the workload writes random, the rest text that compresses
+    /// (sandbox VMs; `None`: all of it random).
+    #[serde(default)]
+    pub page_random_pct: Option<u8>,
     #[serde(default)]
     pub placement: Placement,
     /// Seeds page contents (and the canary). At most `i64::MAX` (TOML integers are signed).

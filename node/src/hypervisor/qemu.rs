@@ -687,6 +687,7 @@ mod tests {
             vcpus: 2,
             demand_permille: 0,
             dirty_pages_per_s: 0,
+            page_random_pct: None,
             placement: Placement::default(),
             seed: 1,
             incoming,

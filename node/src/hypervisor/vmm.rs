@@ -151,11 +151,12 @@ impl Vmm {
     /// waiting for a migration.
     pub fn new(spec: VmSpec) -> Result<Arc<Self>, SharedError> {
         let pages = spec.memory_mib * 256;
-        let memory = if spec.incoming {
+        let mut memory = if spec.incoming {
             Memory::zeroed(pages, spec.seed)?
         } else {
             Memory::boot(pages, spec.seed)?
         };
+        memory.set_random_pct(spec.page_random_pct.unwrap_or(100));
         Ok(Arc::new(Self {
             state: AtomicU8::new(if spec.incoming { INCOMING } else { RUNNING }),
             rng: AtomicU64::new(spec.seed ^ 0x5eed),
@@ -480,6 +481,7 @@ mod tests {
             vcpus: 1,
             demand_permille: 100,
             dirty_pages_per_s,
+            page_random_pct: None,
             placement: Placement::default(),
             seed: 77,
             incoming,

@@ -156,6 +156,7 @@ impl Migrations {
             vcpus: offer.vm.vcpus,
             demand_permille: offer.vm.demand_permille,
             dirty_pages_per_s: 0,
+            page_random_pct: None,
             placement: offer.vm.placement.clone(),
             seed: OsRng.next_u64() >> 1,
             incoming: true,
