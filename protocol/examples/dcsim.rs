@@ -36,8 +36,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("{dir}: {} VMs, {hosts} hosts", traces.len());
     println!(
         "{:<12} {:>10} {:>8} {:>8} {:>9} {:>9} {:>10} {:>9} {:>7} {:>6} {:>8} {:>7}",
-        "policy", "energy kWh", "SLATAH%", "PDM%", "SLAV%", "ESV e-3", "migrations", "shutdowns",
-        "peak", "mean", "finished", "secs"
+        "policy",
+        "energy kWh",
+        "SLATAH%",
+        "PDM%",
+        "SLAV%",
+        "ESV e-3",
+        "migrations",
+        "shutdowns",
+        "peak",
+        "mean",
+        "finished",
+        "secs"
     );
     for policy in Policy::PUBLISHED {
         let started = Instant::now();

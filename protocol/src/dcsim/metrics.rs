@@ -7,7 +7,9 @@
 //!   start (after the first event's changes) and at the end (before the second's); a host at
 //!   0 % at the start of the interval draws nothing;
 //! - SLATAH: an interval counts for a host if it was active (allocated MIPS > 0) at its start,
-//!   and as a violation if its allocated MIPS were below its requested MIPS then;
+//!   and as a violation if its allocated MIPS were below its requested MIPS then (a VM's
+//!   request above one core is capped at the core, and a VM migrating in counts at its full
+//!   request but its 10 % reservation, so a migration target violates while it lasts);
 //! - PDM: per VM, the MIPS requested but not allocated over intervals that start while the VM
 //!   is migrating out, over all MIPS requested.
 
@@ -39,6 +41,8 @@ pub struct Report {
     pub vms: usize,
     /// VMs that could not be placed at the start.
     pub vms_unplaced: usize,
+    /// VMs on a host at the end.
+    pub vms_running: usize,
     /// VMs that left because their demand dropped to 0 (CloudSim's finished workloads).
     pub vms_finished: usize,
     /// Decision steps simulated.

@@ -14,11 +14,15 @@ pub struct PowerModel {
 impl PowerModel {
     /// HP ProLiant ML110 G4 (Xeon 3040).
     pub const HP_G4: Self = Self {
-        watts: [86.0, 89.4, 92.6, 96.0, 99.5, 102.0, 106.0, 108.0, 112.0, 114.0, 117.0],
+        watts: [
+            86.0, 89.4, 92.6, 96.0, 99.5, 102.0, 106.0, 108.0, 112.0, 114.0, 117.0,
+        ],
     };
     /// HP ProLiant ML110 G5 (Xeon 3075).
     pub const HP_G5: Self = Self {
-        watts: [93.7, 97.0, 101.0, 105.0, 110.0, 116.0, 121.0, 125.0, 129.0, 133.0, 135.0],
+        watts: [
+            93.7, 97.0, 101.0, 105.0, 110.0, 116.0, 121.0, 125.0, 129.0, 133.0, 135.0,
+        ],
     };
 
     /// Power (W) at `utilization` (a fraction, clamped to 0..=1), interpolated between the two
@@ -121,10 +125,22 @@ impl Scenario {
                 },
             ],
             vm_types: vec![
-                VmType { mips: 2500.0, ram_mb: 870 },
-                VmType { mips: 2000.0, ram_mb: 1740 },
-                VmType { mips: 1000.0, ram_mb: 1740 },
-                VmType { mips: 500.0, ram_mb: 613 },
+                VmType {
+                    mips: 2500.0,
+                    ram_mb: 870,
+                },
+                VmType {
+                    mips: 2000.0,
+                    ram_mb: 1740,
+                },
+                VmType {
+                    mips: 1000.0,
+                    ram_mb: 1740,
+                },
+                VmType {
+                    mips: 500.0,
+                    ram_mb: 613,
+                },
             ],
             step_s: 300.0,
             step_offset_s: 0.1,

@@ -149,7 +149,9 @@ pub(crate) struct Planning<'v, 'w> {
 
 impl<'v, 'w> Planning<'v, 'w> {
     pub(crate) fn new(view: &'v View<'w>, policy: Policy) -> Self {
-        let lists: Vec<Vec<usize>> = (0..view.hosts()).map(|h| view.host_vms(h).to_vec()).collect();
+        let lists: Vec<Vec<usize>> = (0..view.hosts())
+            .map(|h| view.host_vms(h).to_vec())
+            .collect();
         let capped = vec![None; lists.len()];
         Self {
             view,
@@ -276,8 +278,8 @@ impl<'v, 'w> Planning<'v, 'w> {
         let demand = self.view.vm_demand_mips(vm);
         let mut best = None;
         let mut best_diff = f64::MAX;
-        for h in 0..self.lists.len() {
-            if excluded[h] {
+        for (h, &skip) in excluded.iter().enumerate().take(self.lists.len()) {
+            if skip {
                 continue;
             }
             if self.view.host_pe_mips(h) < demand || self.available_mips(h) < demand {
@@ -352,9 +354,9 @@ impl<'v, 'w> Planning<'v, 'w> {
             }
             let mut candidate = None;
             let mut min_u = 1.0;
-            for h in 0..n {
+            for (h, &skip) in excl_under.iter().enumerate() {
                 let u = self.view.host_last_utilization(h);
-                if !excl_under[h] && u > 0.0 && u < min_u && !self.lists[h].is_empty() {
+                if !skip && u > 0.0 && u < min_u && !self.lists[h].is_empty() {
                     min_u = u;
                     candidate = Some(h);
                 }

@@ -239,7 +239,11 @@ impl Sim<'_> {
                 .iter()
                 .map(|&(_, _, c, inc, _)| if inc { c * in_share } else { c })
                 .sum();
-            let scale = if need <= total { None } else { Some(total / need) };
+            let scale = if need <= total {
+                None
+            } else {
+                Some(total / need)
+            };
             let (mut allocated, mut requested) = (0.0, 0.0);
             for &(v, req, capped, incoming, outgoing) in &items {
                 let share = if outgoing {
@@ -303,8 +307,7 @@ impl Sim<'_> {
         let Some(from) = self.vms.get(m.vm).and_then(|vm| vm.host) else {
             return false;
         };
-        if m.to >= self.hosts.len() || m.to == from || self.hosts[m.to].incoming.contains(&m.vm)
-        {
+        if m.to >= self.hosts.len() || m.to == from || self.hosts[m.to].incoming.contains(&m.vm) {
             return false;
         }
         self.hosts[m.to].incoming.push(m.vm);
@@ -447,7 +450,10 @@ pub fn run_with(
         series.push(StepSample {
             time_s: t,
             active_hosts: hosts.iter().filter(|h| h.active()).count(),
-            power_w: hosts.iter().map(|h| if h.utilization > 0.0 { h.power_w } else { 0.0 }).sum(),
+            power_w: hosts
+                .iter()
+                .map(|h| if h.utilization > 0.0 { h.power_w } else { 0.0 })
+                .sum(),
             overloaded_hosts: plan.overloaded_hosts,
             migrations: started,
         });
@@ -498,6 +504,7 @@ pub fn run_with(
         hosts: scenario.hosts,
         vms: n_vms,
         vms_unplaced,
+        vms_running: sim.vms.iter().filter(|vm| vm.host.is_some()).count(),
         vms_finished: sim.finished,
         steps,
         energy_kwh,
