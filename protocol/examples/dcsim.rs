@@ -58,7 +58,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "finished",
         "secs"
     );
-    for policy in Policy::PUBLISHED {
+    for policy in Policy::BASELINES.into_iter().chain(Policy::PUBLISHED) {
         let started = Instant::now();
         let r = run(&scenario, &traces, policy, &mut |_, _| {});
         let secs = started.elapsed().as_secs_f64();

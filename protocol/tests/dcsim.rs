@@ -232,3 +232,29 @@ fn host_types_are_the_papers() {
     assert_eq!(s.vm_type(1051, 1052).mips, 500.0);
     assert!((s.migration_s(1740) - 27.84).abs() < 1e-9);
 }
+
+#[test]
+fn baselines_never_migrate_and_npa_draws_full_power_throughout() {
+    let s = Scenario::paper(4);
+    let traces: Vec<Trace> = (0..6)
+        .map(|i| {
+            Trace::from_fractions(
+                &format!("v{i}"),
+                (0..10).map(|k| f64::from((i + k) % 7 + 1) / 10.0),
+            )
+        })
+        .collect();
+    let npa = quiet(&s, &traces, Policy::NoPowerManagement);
+    let dvfs = quiet(&s, &traces, Policy::Dvfs);
+    assert_eq!((npa.migrations, dvfs.migrations), (0, 0));
+    // From time 0 to the last step (9 · 300 + 0.1 s), 2 G4 + 2 G5 at 100 %.
+    let full = 2.0 * (PowerModel::HP_G4.power(1.0) + PowerModel::HP_G5.power(1.0));
+    let expected = full * (9.0 * s.step_s + s.step_offset_s) / 3_600_000.0;
+    assert!(
+        (npa.energy_kwh - expected).abs() < 1e-9,
+        "{} vs {expected}",
+        npa.energy_kwh
+    );
+    assert!(dvfs.energy_kwh < npa.energy_kwh);
+    assert_eq!(dvfs.slatah, 0.0);
+}

@@ -112,6 +112,8 @@ pub(crate) struct Meter {
     requested: f64,
     degraded_by_migration: f64,
     pub shutdowns: usize,
+    /// Every host's full power, when hosts are never managed (metered from time 0).
+    always_on: Option<Vec<f64>>,
 }
 
 impl Meter {
@@ -124,6 +126,13 @@ impl Meter {
         }
     }
 
+    /// Every host draws `full_power_w` all the time, from time 0 (CloudSim's
+    /// `PowerDatacenterNonPowerAware`).
+    pub(crate) fn always_on(&mut self, full_power_w: Vec<f64>) {
+        self.always_on = Some(full_power_w);
+        self.last_time = Some(0.0);
+    }
+
     /// Closes the interval since the last event at `time`, with the hosts' power at `time`
     /// before this event changes anything (`power_before`).
     pub(crate) fn close_interval(&mut self, time: f64, power_before: &[f64]) {
@@ -134,8 +143,11 @@ impl Meter {
         if dt <= 0.0 {
             return;
         }
+        if let Some(full) = &self.always_on {
+            self.energy_ws += full.iter().sum::<f64>() * dt;
+        }
         for (h, start) in self.hosts.iter().enumerate() {
-            if start.utilization != 0.0 {
+            if self.always_on.is_none() && start.utilization != 0.0 {
                 let end = power_before[h];
                 self.energy_ws += (start.power_w + (end - start.power_w) / 2.0) * dt;
             }

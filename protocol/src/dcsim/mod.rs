@@ -43,5 +43,5 @@ pub mod trace;
 pub use metrics::{Report, StepSample};
 pub use model::{HostType, PowerModel, Scenario, VmType};
 pub use published::Policy;
-pub use run::{run, run_with, Move, Plan, Planner, View};
+pub use run::{run, run_with, InitialPlacement, Move, Plan, Planner, View};
 pub use trace::{Trace, TraceError};

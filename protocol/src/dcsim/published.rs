@@ -22,7 +22,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::run::{Move, Plan, Planner, View};
+use super::run::{InitialPlacement, Move, Plan, Planner, View};
 
 /// Threshold of the THR fallback of the adaptive detectors.
 pub const FALLBACK_THRESHOLD: f64 = 0.7;
@@ -56,6 +56,10 @@ pub enum Policy {
         /// Safety parameter.
         safety: f64,
     },
+    /// Baseline: first-fit placement, no migration; power follows utilization.
+    Dvfs,
+    /// Baseline: first-fit placement, no migration, every host on at full power.
+    NoPowerManagement,
 }
 
 impl Policy {
@@ -67,6 +71,9 @@ impl Policy {
         Self::Lr { safety: 1.2 },
     ];
 
+    /// The reference's two baselines without consolidation.
+    pub const BASELINES: [Self; 2] = [Self::NoPowerManagement, Self::Dvfs];
+
     /// The name used in the paper, e.g. `THR-MMT-0.8`.
     pub fn name(&self) -> String {
         match self {
@@ -74,6 +81,8 @@ impl Policy {
             Self::Iqr { safety } => format!("IQR-MMT-{safety}"),
             Self::Mad { safety } => format!("MAD-MMT-{safety}"),
             Self::Lr { safety } => format!("LR-MMT-{safety}"),
+            Self::Dvfs => "DVFS".into(),
+            Self::NoPowerManagement => "NPA".into(),
         }
     }
 }
@@ -234,6 +243,7 @@ impl<'v, 'w> Planning<'v, 'w> {
 
     fn overloaded(&self, h: usize) -> bool {
         match self.policy {
+            Policy::Dvfs | Policy::NoPowerManagement => false,
             Policy::Thr { threshold } => self.threshold_check(h, threshold),
             Policy::Iqr { safety } | Policy::Mad { safety } => {
                 let hist = self.history(h);
@@ -395,14 +405,43 @@ impl Planner for Policy {
         Policy::name(self)
     }
 
-    fn initial_threshold(&self) -> f64 {
+    fn initial_placement(&self) -> InitialPlacement {
         match self {
-            Self::Thr { threshold } => *threshold,
-            _ => FALLBACK_THRESHOLD,
+            Self::Thr { threshold } => InitialPlacement::PowerAware {
+                threshold: *threshold,
+            },
+            Self::Iqr { .. } | Self::Mad { .. } | Self::Lr { .. } => InitialPlacement::PowerAware {
+                threshold: FALLBACK_THRESHOLD,
+            },
+            Self::Dvfs | Self::NoPowerManagement => InitialPlacement::FirstFit,
         }
     }
 
+    fn power_managed(&self) -> bool {
+        !matches!(self, Self::NoPowerManagement)
+    }
+
     fn plan(&mut self, view: &View<'_>) -> Plan {
-        Planning::new(view, *self).plan()
+        match self {
+            Self::Dvfs | Self::NoPowerManagement => Plan::default(),
+            _ => Planning::new(view, *self).plan(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statistics_match_commons_math_conventions() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(mad(&[1.0, 1.0, 2.0, 2.0, 4.0, 6.0, 9.0]), 1.0);
+        // n = 12: quartiles at round(3.25) − 1 = 2 and round(9.75) − 1 = 9.
+        let v: Vec<f64> = (0..12).map(f64::from).collect();
+        assert_eq!(iqr(&v), 7.0);
+        let (a, b) = least_squares(&[1.0, 3.0, 5.0, 7.0]);
+        assert!((a + 1.0).abs() < 1e-12 && (b - 2.0).abs() < 1e-12);
     }
 }

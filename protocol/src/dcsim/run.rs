@@ -42,13 +42,33 @@ pub struct Plan {
     pub overloaded_hosts: usize,
 }
 
+/// How VMs are placed at the start, each at its full MIPS, within cores, MIPS, RAM and the
+/// per-host VM limit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum InitialPlacement {
+    /// The host whose power rises least; a non-empty host may not exceed `threshold`.
+    PowerAware {
+        /// Utilization limit for a non-empty host.
+        threshold: f64,
+    },
+    /// The first host that fits.
+    FirstFit,
+}
+
 /// A placement policy the simulator can run: called once per step with the data center's state.
 pub trait Planner {
     /// A name for the report.
     fn name(&self) -> String;
-    /// The utilization a non-empty host may not exceed at the initial placement.
-    fn initial_threshold(&self) -> f64 {
-        super::published::FALLBACK_THRESHOLD
+    /// How the VMs are placed at the start (default: power-aware best fit, THR 0.7).
+    fn initial_placement(&self) -> InitialPlacement {
+        InitialPlacement::PowerAware {
+            threshold: super::published::FALLBACK_THRESHOLD,
+        }
+    }
+    /// Whether idle hosts switch off and power follows utilization (`false`: every host draws
+    /// its full power all the time, CloudSim's `PowerDatacenterNonPowerAware`).
+    fn power_managed(&self) -> bool {
+        true
     }
     /// The moves to start at this step.
     fn plan(&mut self, view: &View<'_>) -> Plan;
@@ -174,7 +194,7 @@ impl Sim<'_> {
 
     /// CloudSim's initial placement: each VM in order at its full MIPS on the host whose power
     /// rises least, within cores, MIPS, RAM and the per-host VM limit.
-    fn place_initial(&mut self, threshold: f64) -> usize {
+    fn place_initial(&mut self, how: InitialPlacement) -> usize {
         let n = self.hosts.len();
         let mut allocated = vec![0.0f64; n];
         let mut ram = vec![0u32; n];
@@ -193,6 +213,13 @@ impl Sim<'_> {
                 if !fits {
                     continue;
                 }
+                let threshold = match how {
+                    InitialPlacement::FirstFit => {
+                        best = Some(h);
+                        break;
+                    }
+                    InitialPlacement::PowerAware { threshold } => threshold,
+                };
                 // Placed VMs ask for nothing until their workload starts: only this one counts.
                 if allocated[h] != 0.0 && mips / total > threshold {
                     continue;
@@ -388,13 +415,21 @@ pub fn run_with(
     let vms_unplaced = if scenario.host_types.is_empty() {
         n_vms
     } else {
-        sim.place_initial(planner.initial_threshold())
+        sim.place_initial(planner.initial_placement())
     };
     let samples = traces.iter().map(|t| t.samples.len()).min().unwrap_or(0);
     let steps = samples.saturating_sub(1);
     #[allow(clippy::cast_precision_loss)]
     let limit = samples as f64 * scenario.step_s;
     let mut meter = Meter::new(scenario.hosts, n_vms);
+    if !planner.power_managed() {
+        let full: Vec<f64> = sim
+            .hosts
+            .iter()
+            .map(|h| scenario.host_types[h.ty].power.power(1.0))
+            .collect();
+        meter.always_on(full);
+    }
     let mut series = Vec::with_capacity(steps);
     let mut migrations = 0;
     for k in 1..=steps {
