@@ -258,3 +258,44 @@ fn baselines_never_migrate_and_npa_draws_full_power_throughout() {
     assert!(dvfs.energy_kwh < npa.energy_kwh);
     assert_eq!(dvfs.slatah, 0.0);
 }
+
+/// Moves every settled VM to the next host, every step: a planner of another shape.
+struct RoundRobin;
+
+impl Planner for RoundRobin {
+    fn name(&self) -> String {
+        "round-robin".into()
+    }
+
+    fn plan(&mut self, view: &View<'_>) -> Plan {
+        let moves = (0..view.vms())
+            .filter(|&v| !view.vm_migrating(v))
+            .filter_map(|v| view.vm_host(v).map(|h| (v, h)))
+            .map(|(vm, h)| drift_protocol::dcsim::Move {
+                vm,
+                to: (h + 1) % view.hosts(),
+            })
+            .collect();
+        Plan {
+            moves,
+            overloaded_hosts: 0,
+        }
+    }
+}
+
+#[test]
+fn a_custom_planner_plugs_in_even_with_migrations_longer_than_a_step() {
+    let mut s = small(3, 500.0);
+    s.migration_mb_per_s = 1.0; // 613 s: each migration spans three 300 s steps
+    let traces: Vec<Trace> = (0..5)
+        .map(|i| constant(&format!("v{i}"), 0.3, 20))
+        .collect();
+    let a = run_with(&s, &traces, &mut RoundRobin, &mut |_, _| {});
+    let b = run_with(&s, &traces, &mut RoundRobin, &mut |_, _| {});
+    assert_eq!(a, b);
+    assert_eq!(a.policy, "round-robin");
+    assert_eq!(a.vms_running, 5);
+    assert!(a.migrations > 0 && a.pdm > 0.0);
+    // A VM moves at most once per three steps.
+    assert!(a.migrations <= 5 * a.steps.div_ceil(3), "{}", a.migrations);
+}

@@ -327,6 +327,7 @@ impl<'v, 'w> Planning<'v, 'w> {
                 let pick = self.lists[h]
                     .iter()
                     .copied()
+                    .filter(|&v| !self.view.vm_migrating(v))
                     .min_by_key(|&v| self.view.vm_ram_mb(v));
                 let Some(vm) = pick else { break };
                 to_move.push(vm);
@@ -366,7 +367,9 @@ impl<'v, 'w> Planning<'v, 'w> {
             let mut min_u = 1.0;
             for (h, &skip) in excl_under.iter().enumerate() {
                 let u = self.view.host_last_utilization(h);
-                if !skip && u > 0.0 && u < min_u && !self.lists[h].is_empty() {
+                let settled = self.lists[h].iter().any(|&v| !self.view.vm_migrating(v))
+                    && self.view.host_incoming(h).is_empty();
+                if !skip && u > 0.0 && u < min_u && settled {
                     min_u = u;
                     candidate = Some(h);
                 }
@@ -374,7 +377,11 @@ impl<'v, 'w> Planning<'v, 'w> {
             let Some(h) = candidate else { break };
             excl_under[h] = true;
             excl_place[h] = true;
-            let mut vms = self.lists[h].clone();
+            let mut vms: Vec<usize> = self.lists[h]
+                .iter()
+                .copied()
+                .filter(|&v| !self.view.vm_migrating(v))
+                .collect();
             self.sort_by_demand(&mut vms);
             let mut tentative: Vec<Move> = Vec::new();
             for vm in vms {

@@ -96,6 +96,7 @@ struct Vm {
 struct Flight {
     vm: usize,
     to: usize,
+    start: f64,
     end: f64,
 }
 
@@ -168,7 +169,16 @@ impl View<'_> {
     pub fn vm_migration_s(&self, v: usize) -> f64 {
         self.scenario.migration_s(self.vms[v].ram_mb)
     }
-    /// VM `v`'s host, `None` if it finished or was never placed.
+    /// Whether VM `v` is migrating (only when migrations outlast a step).
+    pub fn vm_migrating(&self, v: usize) -> bool {
+        self.vms[v].migrating
+    }
+    /// The VMs migrating into host `h` (also listed in [`View::host_vms`]).
+    pub fn host_incoming(&self, h: usize) -> &[usize] {
+        &self.hosts[h].incoming
+    }
+    /// VM `v`'s host (the source while it migrates), `None` if it finished or was never
+    /// placed.
     pub fn vm_host(&self, v: usize) -> Option<usize> {
         self.vms[v].host
     }
@@ -334,7 +344,14 @@ impl Sim<'_> {
         let Some(from) = self.vms.get(m.vm).and_then(|vm| vm.host) else {
             return false;
         };
-        if m.to >= self.hosts.len() || m.to == from || self.hosts[m.to].incoming.contains(&m.vm) {
+        // A VM already on its way since an earlier step stays on course; a second move of the
+        // same VM in one plan is allowed, as CloudSim starts it (see `published`).
+        let busy = self.flights.iter().any(|f| f.vm == m.vm && f.start != t);
+        if busy
+            || m.to >= self.hosts.len()
+            || m.to == from
+            || self.hosts[m.to].incoming.contains(&m.vm)
+        {
             return false;
         }
         self.hosts[m.to].incoming.push(m.vm);
@@ -344,6 +361,7 @@ impl Sim<'_> {
         self.flights.push(Flight {
             vm: m.vm,
             to: m.to,
+            start: t,
             end,
         });
         true
