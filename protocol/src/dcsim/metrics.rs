@@ -1,5 +1,5 @@
 //! What a run measures and how: the [`Report`] (energy, SLATAH, PDM, SLAV, ESV, migrations,
-//! shutdowns, active hosts, a per-step series) and the [`Meter`] that integrates it between
+//! shutdowns, active hosts, a per-step series) and the meter that integrates it between
 //! simulator events exactly as CloudSim 3.0.3's `PowerDatacenter` and `examples/power/Helper`
 //! do:
 //!
