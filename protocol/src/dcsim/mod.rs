@@ -12,7 +12,7 @@
 //! - [`model`]: host and VM types, SPECpower models, the [`Scenario`].
 //! - [`trace`]: [`Trace`] parsing and its demand at any time.
 //! - [`published`]: the published [`Policy`] values and the statistics they use.
-//! - [`run`]: the time loop ([`run()`], [`run_with`]), the [`Planner`] trait any policy can
+//! - [`run`](mod@run): the time loop ([`run()`], [`run_with`]), the [`Planner`] trait any policy can
 //!   implement, and the [`View`] it plans from.
 //! - [`metrics`]: the [`Report`] and how each figure is integrated.
 //!
