@@ -24,6 +24,8 @@
 //!   mesh, and the transcript root that binds what the two QEMUs sent and received.
 //! - [`policy`]: the balancing policy: overload detection, VM and target choice, a simulator
 //!   and a centralized baseline, as pure functions.
+//! - [`dcsim`]: a data-center simulator replaying PlanetLab days under the published
+//!   consolidation policies of Beloglazov & Buyya 2012, with CloudSim 3.0.3's metrics.
 //! - [`audit`]: [`AuditRecord`], a signed, hash-chained log entry, and the chain verifier.
 //!
 //! ## Wire rules
@@ -42,6 +44,7 @@ pub mod audit;
 mod bounded;
 pub mod codec;
 pub mod dataplane;
+pub mod dcsim;
 pub mod ids;
 pub mod keys;
 pub mod migration;
