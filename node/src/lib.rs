@@ -30,6 +30,7 @@ pub mod mesh;
 pub mod migration;
 pub mod monitor;
 pub mod move_plan;
+pub mod sim;
 pub mod state;
 pub mod table;
 pub mod testnet;

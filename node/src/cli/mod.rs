@@ -11,6 +11,7 @@ mod decisions;
 mod keys;
 mod migrate;
 mod roster;
+mod sim;
 mod table;
 mod vm;
 
@@ -69,6 +70,9 @@ pub enum Command {
     /// Benchmarks that print figures next to a baseline.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Replay a PlanetLab day on the placement benchmark's 800-host data center, once per
+    /// policy: energy, SLA violations and migrations side by side.
+    Sim(sim::SimArgs),
 }
 
 /// Logs go to stderr, so command output on stdout stays scriptable.
@@ -97,6 +101,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Table(args) => daemon::table(args),
         Command::Testnet(args) => crate::testnet::run(args),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Sim(args) => sim::sim(args),
         Command::Audit(cmd) => audit::run(cmd),
         Command::Vms(args) => vm::vms(args),
         Command::Migrate(args) => migrate::migrate(args),
