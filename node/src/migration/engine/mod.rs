@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use drift_protocol::migration::Mode;
 use drift_protocol::transfer::convergence::{Action, Fallback, Limits};
-use drift_protocol::transfer::{Commit, PageBatch, PAGE_SIZE};
+use drift_protocol::transfer::{is_zero_page, Commit, PageBatch, PAGE_SIZE};
 use drift_protocol::{Hash, MigrationId, SecretKey};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
@@ -126,6 +126,15 @@ pub trait VmmAccess: Send + Sync {
         write_pages_by_request(self, writes, whole)
     }
 
+    /// Source: up to `max` numbers, ascending from `from`, of pages that are not all zero.
+    fn nonzero(
+        &self,
+        from: u64,
+        max: u32,
+    ) -> impl std::future::Future<Output = Result<Vec<u64>, EngineError>> + Send {
+        nonzero_by_request(self, from, max)
+    }
+
     /// Source: takes up to `max` pages out of the dirty log; with how many are left.
     fn take_dirty(
         &self,
@@ -137,6 +146,18 @@ pub trait VmmAccess: Send + Sync {
                 other => Err(EngineError::Vmm(format!("unexpected {other:?}"))),
             }
         }
+    }
+}
+
+/// [`VmmAccess::nonzero`] as a request.
+async fn nonzero_by_request<V: VmmAccess + ?Sized>(
+    vm: &V,
+    from: u64,
+    max: u32,
+) -> Result<Vec<u64>, EngineError> {
+    match vm.call(Request::NonZero { from, max }).await? {
+        Response::Pfns { pfns, .. } => Ok(pfns),
+        other => Err(EngineError::Vmm(format!("unexpected {other:?}"))),
     }
 }
 
@@ -273,6 +294,22 @@ impl VmmAccess for SocketVmm {
             memory.clear_missing(pfn);
         }
         Ok(())
+    }
+
+    async fn nonzero(&self, from: u64, max: u32) -> Result<Vec<u64>, EngineError> {
+        let Some(memory) = self.memory().await else {
+            return nonzero_by_request(self, from, max).await;
+        };
+        // A scan reads up to the whole memory: off the runtime's threads.
+        tokio::task::spawn_blocking(move || {
+            let mut page = [0u8; PAGE_SIZE];
+            (from..memory.page_count())
+                .filter(|&p| memory.read_page(p, &mut page).is_ok() && !is_zero_page(&page))
+                .take(max as usize)
+                .collect()
+        })
+        .await
+        .map_err(|e| EngineError::Vmm(format!("scanning for non-zero pages: {e}")))
     }
 
     async fn take_dirty(&self, max: u32) -> Result<(Vec<u64>, u64), EngineError> {

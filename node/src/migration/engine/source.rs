@@ -126,26 +126,23 @@ impl<V: VmmAccess, H: Hooks, R: Reconnect> Source<'_, V, H, R> {
         Ok(())
     }
 
-    /// Every page number whose page is not all zero (asked of the VMM in chunks).
+    /// Every page number whose page is not all zero (in chunks). Node-side, it also maps the
+    /// VM's memory where the VMM shares it, before the pause rather than in it.
     async fn nonzero(&mut self, page_count: u64) -> Result<Vec<u64>, EngineError> {
-        let vm = self.vm;
         let mut nonzero = Vec::new();
         let mut from = 0;
         loop {
-            match vm
-                .call(Request::NonZero {
-                    from,
-                    max: DIRTY_CHUNK,
-                })
-                .await?
-            {
-                Response::Pfns { pfns, .. } if pfns.is_empty() => return Ok(nonzero),
-                Response::Pfns { pfns, .. } => {
-                    from = pfns.last().map_or(page_count, |p| p + 1);
-                    nonzero.extend(pfns);
-                }
-                other => return Err(EngineError::Vmm(format!("unexpected {other:?}"))),
+            let pfns = self.vm.nonzero(from, DIRTY_CHUNK).await?;
+            let Some(&last) = pfns.last() else {
+                return Ok(nonzero);
+            };
+            if last < from || last >= page_count {
+                return Err(EngineError::Vmm(format!(
+                    "non-zero page {last} out of order or beyond the VM's {page_count} pages"
+                )));
             }
+            from = last + 1;
+            nonzero.extend(pfns);
         }
     }
 
@@ -528,12 +525,7 @@ async fn source_loop<V: VmmAccess, H: Hooks, R: Reconnect>(
         last = difference(&last, &nonzero);
     }
     s.name_stale(&last).await?;
-    let stale = if s.params.mode == Mode::PostCopy {
-        union(&last, &nonzero)
-    } else {
-        last
-    };
-    tracing::debug!(migration = %t.id.short(), stale = stale.len(), at_ms = paused_at.elapsed().as_secs_f64() * 1e3, "switchover: stale pages named");
+    tracing::debug!(migration = %t.id.short(), stale = last.len() + nonzero.len(), at_ms = paused_at.elapsed().as_secs_f64() * 1e3, "switchover: stale pages named");
     s.sender.switched();
     s.send(TransferFrame::DeviceState(DeviceState::new(device)))
         .await?;
@@ -541,6 +533,11 @@ async fn source_loop<V: VmmAccess, H: Hooks, R: Reconnect>(
     s.link.out.flush().await?;
     s.switched_at = Some(paused_at.elapsed());
     tracing::debug!(migration = %t.id.short(), at_ms = paused_at.elapsed().as_secs_f64() * 1e3, "switchover: device state sent; the target resumes");
+    let stale = if s.params.mode == Mode::PostCopy {
+        union(&last, &nonzero)
+    } else {
+        last
+    };
     s.progress.phase = "post-copy".into();
     // Serve requests first, push the rest; each page goes once. A broken link is replaced
     // (the VM runs on the target and lives only there and here) and the push goes on with
@@ -574,19 +571,14 @@ async fn source_loop<V: VmmAccess, H: Hooks, R: Reconnect>(
     }
 }
 
-/// The pages of sorted list `a` that are not in sorted list `b`, sorted.
+/// The pages of sorted list `a` that are not in sorted list `b`, sorted. `a` is the short
+/// one (the pages dirtied since the scan, against every non-zero page): one search in `b`
+/// per page of `a`.
 fn difference(a: &[u64], b: &[u64]) -> Vec<u64> {
-    let mut out = Vec::with_capacity(a.len());
-    let mut j = 0;
-    for &p in a {
-        while j < b.len() && b[j] < p {
-            j += 1;
-        }
-        if b.get(j) != Some(&p) {
-            out.push(p);
-        }
-    }
-    out
+    a.iter()
+        .copied()
+        .filter(|p| b.binary_search(p).is_err())
+        .collect()
 }
 
 /// The union of two sorted lists of page numbers, sorted, each page once.
