@@ -3,7 +3,7 @@
 //! host shutdowns), to compare with CloudSim 3.0.3's.
 //!
 //! ```text
-//! cargo run --release -p drift-protocol --example dcsim -- <planetlab-day-dir> [hosts] [--json] [--sorted] [--keep-idle]
+//! cargo run --release -p drift-protocol --example dcsim -- <planetlab-day-dir> [hosts] [--json] [--sorted] [--keep-idle] [--drift]
 //! ```
 //!
 //! VM `i` gets type `i / ceil(n / 4)`, so the order of the files matters (±8 % on energy).
@@ -14,13 +14,13 @@
 
 use std::time::Instant;
 
-use drift_protocol::dcsim::{run, Policy, Scenario, Trace};
+use drift_protocol::dcsim::{run_with, Drift, Planner, Policy, Scenario, Trace};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let dir = args
         .first()
-        .ok_or("usage: dcsim <planetlab-day-dir> [hosts] [--json] [--sorted] [--keep-idle]")?;
+        .ok_or("usage: dcsim <planetlab-day-dir> [hosts] [--json] [--sorted] [--keep-idle] [--drift]")?;
     let hosts: usize = match args.get(1).filter(|a| !a.starts_with("--")) {
         Some(h) => h.parse()?,
         None => 800,
@@ -44,7 +44,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     scenario.drop_idle_vms = !args.iter().any(|a| a == "--keep-idle");
     println!("{dir}: {} VMs, {hosts} hosts", traces.len());
     println!(
-        "{:<12} {:>10} {:>8} {:>8} {:>9} {:>9} {:>10} {:>9} {:>7} {:>6} {:>8} {:>7}",
+        "{:<20} {:>10} {:>8} {:>8} {:>9} {:>9} {:>10} {:>9} {:>7} {:>6} {:>8} {:>7}",
         "policy",
         "energy kWh",
         "SLATAH%",
@@ -58,16 +58,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "finished",
         "secs"
     );
-    for policy in Policy::BASELINES.into_iter().chain(Policy::PUBLISHED) {
+    let only_drift = args.iter().any(|a| a == "--drift");
+    let mut planners: Vec<Box<dyn Planner>> = Vec::new();
+    if !only_drift {
+        for policy in Policy::BASELINES.into_iter().chain(Policy::PUBLISHED) {
+            planners.push(Box::new(policy));
+        }
+    }
+    planners.push(Box::new(Drift::decentralized()));
+    planners.push(Box::new(Drift::centralized()));
+    for mut planner in planners {
         let started = Instant::now();
-        let r = run(&scenario, &traces, policy, &mut |_, _| {});
+        let r = run_with(&scenario, &traces, planner.as_mut(), &mut |_, _| {});
         let secs = started.elapsed().as_secs_f64();
         if json {
             println!("{}", serde_json::to_string(&r)?);
             continue;
         }
         println!(
-            "{:<12} {:>10.2} {:>8.2} {:>8.4} {:>9.5} {:>9.3} {:>10} {:>9} {:>7} {:>6.1} {:>8} {:>7.2}",
+            "{:<20} {:>10.2} {:>8.2} {:>8.4} {:>9.5} {:>9.3} {:>10} {:>9} {:>7} {:>6.1} {:>8} {:>7.2}",
             r.policy,
             r.energy_kwh,
             r.slatah * 100.0,

@@ -72,12 +72,14 @@
 //! utilization; the [`Move`]s it returns start at once, take `RAM / bandwidth`, and are metered
 //! like the published ones. Then call [`run_with`].
 
+pub mod drift;
 pub mod metrics;
 pub mod model;
 pub mod published;
 pub mod run;
 pub mod trace;
 
+pub use drift::{Drift, Mode as DriftMode};
 pub use metrics::{Report, StepSample};
 pub use model::{HostType, PowerModel, Scenario, VmType};
 pub use published::Policy;

@@ -73,6 +73,7 @@ use serde::{Deserialize, Serialize};
 pub mod baseline;
 pub mod choose;
 pub mod cluster;
+pub mod consolidate;
 pub mod detect;
 pub mod sim;
 
