@@ -14,7 +14,8 @@
 
 use std::time::Instant;
 
-use drift_protocol::dcsim::{run_with, Drift, Planner, Policy, Scenario, Trace};
+use drift_protocol::dcsim::{run_with, Drift, DriftMode, Policy, Report, Scenario, Trace};
+use drift_protocol::policy::consolidate::Params;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -59,37 +60,49 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "secs"
     );
     let only_drift = args.iter().any(|a| a == "--drift");
-    let mut planners: Vec<Box<dyn Planner>> = Vec::new();
     if !only_drift {
         for policy in Policy::BASELINES.into_iter().chain(Policy::PUBLISHED) {
-            planners.push(Box::new(policy));
+            let started = Instant::now();
+            let r = run_with(&scenario, &traces, &mut policy.clone(), &mut |_, _| {});
+            print_report(&r, started.elapsed().as_secs_f64(), json)?;
         }
     }
-    planners.push(Box::new(Drift::decentralized()));
-    planners.push(Box::new(Drift::centralized()));
-    for mut planner in planners {
+    // DRIFT_PARAMS: a JSON `consolidate::Params` to try instead of the defaults.
+    let params: Params = match std::env::var("DRIFT_PARAMS") {
+        Ok(j) => serde_json::from_str(&j)?,
+        Err(_) => Params::default(),
+    };
+    let rounds: usize = std::env::var("DRIFT_ROUNDS").map_or(Ok(5), |r| r.parse())?;
+    // Decentralized (every row one report interval old) and centralized.
+    for mode in [DriftMode::Decentralized { lag_steps: 1, rounds }, DriftMode::Centralized] {
+        let mut drift = Drift::new(mode, params, 1);
         let started = Instant::now();
-        let r = run_with(&scenario, &traces, planner.as_mut(), &mut |_, _| {});
-        let secs = started.elapsed().as_secs_f64();
-        if json {
-            println!("{}", serde_json::to_string(&r)?);
-            continue;
-        }
-        println!(
-            "{:<20} {:>10.2} {:>8.2} {:>8.4} {:>9.5} {:>9.3} {:>10} {:>9} {:>7} {:>6.1} {:>8} {:>7.2}",
-            r.policy,
-            r.energy_kwh,
-            r.slatah * 100.0,
-            r.pdm * 100.0,
-            r.slav * 100.0,
-            r.esv * 1000.0,
-            r.migrations,
-            r.host_shutdowns,
-            r.peak_active_hosts,
-            r.mean_active_hosts,
-            r.vms_finished,
-            secs
-        );
+        let r = run_with(&scenario, &traces, &mut drift, &mut |_, _| {});
+        print_report(&r, started.elapsed().as_secs_f64(), json)?;
+        eprintln!("{}: {:?}", r.policy, drift.stats());
     }
+    Ok(())
+}
+
+fn print_report(r: &Report, secs: f64, json: bool) -> Result<(), Box<dyn std::error::Error>> {
+    if json {
+        println!("{}", serde_json::to_string(r)?);
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:>10.2} {:>8.2} {:>8.4} {:>9.6} {:>9.4} {:>10} {:>9} {:>7} {:>6.1} {:>8} {:>7.2}",
+        r.policy,
+        r.energy_kwh,
+        r.slatah * 100.0,
+        r.pdm * 100.0,
+        r.slav * 100.0,
+        r.esv * 1000.0,
+        r.migrations,
+        r.host_shutdowns,
+        r.peak_active_hosts,
+        r.mean_active_hosts,
+        r.vms_finished,
+        secs
+    );
     Ok(())
 }

@@ -30,7 +30,7 @@ use rand_core::{impls, RngCore};
 
 use super::run::{Move, Plan, Planner, View};
 use crate::policy::consolidate::{
-    admit, forecast, plan, Action, LocalVm, Offer, OwnHost, Params, Row, TargetState,
+    admit, forecast, plan, Action, LocalVm, Offer, OwnHost, Params, Refusal, Row, TargetState,
 };
 
 /// Where decisions are taken.
@@ -40,6 +40,10 @@ pub enum Mode {
     Decentralized {
         /// How many steps old every row of a host's table is (≥ 1).
         lag_steps: usize,
+        /// Offer rounds per step (≥ 1): a host whose offer was refused plans again in the
+        /// next round with the numbers the refusing target sent back (a round trip, far
+        /// shorter than a report interval).
+        rounds: usize,
     },
     /// One planner with a fresh view, decisions in sequence.
     Centralized,
@@ -85,6 +89,24 @@ pub struct Drift {
     load: Vec<VecDeque<f64>>,
     draining: Vec<bool>,
     reports: VecDeque<Vec<Row<usize>>>,
+    stats: Stats,
+}
+
+/// What the hosts decided and what their targets answered, over a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Decisions to relieve an overloaded host.
+    pub relieves: u64,
+    /// Decisions to drain.
+    pub drains: u64,
+    /// Offers sent.
+    pub offers: u64,
+    /// Offers refused because the target was draining.
+    pub refused_draining: u64,
+    /// Offers refused for load (the target's forecast would pass its limit).
+    pub refused_load: u64,
+    /// Offers refused for another reason (core, memory).
+    pub refused_other: u64,
 }
 
 impl Drift {
@@ -98,17 +120,34 @@ impl Drift {
             load: Vec::new(),
             draining: Vec::new(),
             reports: VecDeque::new(),
+            stats: Stats::default(),
         }
     }
 
     /// Decentralized with a one-step-old table and the default parameters.
     pub fn decentralized() -> Self {
-        Self::new(Mode::Decentralized { lag_steps: 1 }, Params::default(), 1)
+        Self::new(Mode::Decentralized { lag_steps: 1, rounds: 5 }, Params::default(), 1)
     }
 
     /// Centralized with the default parameters.
     pub fn centralized() -> Self {
         Self::new(Mode::Centralized, Params::default(), 1)
+    }
+
+    /// What happened so far.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    fn count(&mut self, r: Result<(), Refusal>) -> bool {
+        self.stats.offers += 1;
+        match r {
+            Ok(()) => return true,
+            Err(Refusal::Draining) => self.stats.refused_draining += 1,
+            Err(Refusal::Load) => self.stats.refused_load += 1,
+            Err(_) => self.stats.refused_other += 1,
+        }
+        false
     }
 
     fn shuffle<T>(&mut self, v: &mut [T]) {
@@ -145,6 +184,7 @@ fn target_state(row: &Row<usize>) -> TargetState {
         reserved: 0.0,
         reserved_mb: 0,
         draining: row.draining,
+        standby: row.standby,
     }
 }
 
@@ -201,59 +241,100 @@ impl Planner for Drift {
         let mut moves = Vec::new();
         let mut overloaded = 0;
         match self.mode {
-            Mode::Decentralized { lag_steps } => {
+            Mode::Decentralized { lag_steps, rounds } => {
                 let lag = lag_steps.max(1);
                 self.reports.push_back(rows.clone());
                 while self.reports.len() > lag + 1 {
                     self.reports.pop_front();
                 }
                 // The oldest kept report is `lag` steps old once the run has lasted that long.
-                let table = self.reports.front().cloned().unwrap_or_default();
-                let mut actions = Vec::new();
-                for (h, vms) in lists.iter().enumerate() {
-                    if vms.is_empty() {
-                        continue;
+                let reports = self.reports.front().cloned().unwrap_or_default();
+                let mut targets: Vec<TargetState> = rows.iter().map(target_state).collect();
+                // Rows a host learned from its targets' replies this step.
+                let mut learned: Vec<Vec<Row<usize>>> = vec![Vec::new(); n];
+                let mut pending: Vec<usize> = (0..n).filter(|&h| !lists[h].is_empty()).collect();
+                for round in 0..rounds.max(1) {
+                    let mut actions = Vec::new();
+                    for &h in &pending {
+                        if lists[h].is_empty() || targets[h].reserved > 0.0 {
+                            continue;
+                        }
+                        let local = local_vms(view, &lists[h], &self.moved_at);
+                        let hist: Vec<f64> = self.load[h].iter().copied().collect();
+                        let own = OwnHost {
+                            id: h,
+                            capacity: rows[h].capacity,
+                            load_history: &hist,
+                            vms: &local,
+                            draining: self.draining[h],
+                        };
+                        let action = if learned[h].is_empty() {
+                            plan(&p, t, &own, &reports, &mut self.rng)
+                        } else {
+                            let mut table = reports.clone();
+                            for r in &learned[h] {
+                                table[r.id] = *r;
+                            }
+                            plan(&p, t, &own, &table, &mut self.rng)
+                        };
+                        match &action {
+                            Action::Stay => self.draining[h] = false,
+                            Action::Relieve(_) => {
+                                if round == 0 {
+                                    self.stats.relieves += 1;
+                                    overloaded += 1;
+                                }
+                                self.draining[h] = false;
+                            }
+                            Action::Drain(_) => {
+                                self.stats.drains += 1;
+                                self.draining[h] = true;
+                            }
+                        }
+                        targets[h].draining = self.draining[h];
+                        if let Action::Relieve(o) | Action::Drain(o) = action {
+                            if !o.is_empty() {
+                                actions.push((h, o));
+                            }
+                        }
                     }
-                    let local = local_vms(view, vms, &self.moved_at);
-                    let hist: Vec<f64> = self.load[h].iter().copied().collect();
-                    let own = OwnHost {
-                        id: h,
-                        capacity: rows[h].capacity,
-                        load_history: &hist,
-                        vms: &local,
-                        draining: self.draining[h],
-                    };
-                    let action = plan(&p, t, &own, &table, &mut self.rng);
-                    match &action {
-                        Action::Stay => self.draining[h] = false,
-                        Action::Relieve(_) => {
-                            overloaded += 1;
+                    self.shuffle(&mut actions);
+                    pending.clear();
+                    for (h, offers) in actions {
+                        let (mut accepted, mut refused) = (0, 0);
+                        for o in offers {
+                            if self.count(admit(&p, &targets[o.to], &o)) {
+                                targets[o.to].reserve(&o);
+                                self.moved_at[o.vm] = Some(t);
+                                moves.push(Move { vm: o.vm, to: o.to });
+                                lists[h].retain(|&v| v != o.vm);
+                                accepted += 1;
+                            } else {
+                                refused += 1;
+                            }
+                            // Every reply carries the target's current numbers.
+                            let ts = &targets[o.to];
+                            learned[h].push(Row {
+                                forecast: ts.forecast + ts.reserved,
+                                load: rows[o.to].load + ts.reserved,
+                                memory_free_mb: ts.memory_free_mb.saturating_sub(ts.reserved_mb),
+                                standby: ts.standby,
+                                draining: ts.draining,
+                                ..rows[o.to]
+                            });
+                        }
+                        // A drain nobody took has not started: the host is free to take VMs.
+                        if accepted == 0 {
                             self.draining[h] = false;
+                            targets[h].draining = false;
                         }
-                        Action::Drain(_) => self.draining[h] = true,
-                    }
-                    if let Action::Relieve(o) | Action::Drain(o) = action {
-                        if !o.is_empty() {
-                            actions.push(o);
+                        if refused > 0 {
+                            pending.push(h);
                         }
                     }
-                }
-                let mut targets: Vec<TargetState> = rows
-                    .iter()
-                    .enumerate()
-                    .map(|(h, r)| TargetState {
-                        draining: self.draining[h],
-                        ..target_state(r)
-                    })
-                    .collect();
-                self.shuffle(&mut actions);
-                for offers in actions {
-                    for o in offers {
-                        if admit(&p, &targets[o.to], &o).is_ok() {
-                            targets[o.to].reserve(&o);
-                            self.moved_at[o.vm] = Some(t);
-                            moves.push(Move { vm: o.vm, to: o.to });
-                        }
+                    pending.sort_unstable();
+                    if pending.is_empty() {
+                        break;
                     }
                 }
             }
@@ -292,18 +373,20 @@ impl Planner for Drift {
                             continue;
                         }
                         Action::Relieve(o) => {
+                            self.stats.relieves += 1;
                             overloaded += 1;
                             self.draining[h] = false;
                             o
                         }
                         Action::Drain(o) => {
+                            self.stats.drains += 1;
                             self.draining[h] = true;
                             rows[h].draining = true;
                             o
                         }
                     };
                     for o in offers {
-                        if admit(&p, &target_state(&rows[o.to]), &o).is_err() {
+                        if !self.count(admit(&p, &target_state(&rows[o.to]), &o)) {
                             continue;
                         }
                         let to = &mut rows[o.to];

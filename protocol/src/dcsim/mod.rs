@@ -79,7 +79,7 @@ pub mod published;
 pub mod run;
 pub mod trace;
 
-pub use drift::{Drift, Mode as DriftMode};
+pub use drift::{Drift, Mode as DriftMode, Stats as DriftStats};
 pub use metrics::{Report, StepSample};
 pub use model::{HostType, PowerModel, Scenario, VmType};
 pub use published::Policy;

@@ -79,6 +79,10 @@ pub struct Params {
     /// Targets are drawn at random among the this many best fits (1: always the best fit);
     /// spreading keeps hosts with the same stale table from all picking the same target.
     pub choice_spread: usize,
+    /// The chance (0..=1) an underloaded host that could drain does so at a given sample;
+    /// the others stay and take VMs, so hosts with the same stale table do not all drain
+    /// into each other at once.
+    pub drain_chance: f64,
     /// Whether targets check memory (the benchmark's simulator does not after placement).
     pub check_memory: bool,
 }
@@ -98,7 +102,8 @@ impl Default for Params {
             forecast_quantile: 0.9,
             cooldown_s: 3.0 * 3600.0,
             long_overload: 3,
-            choice_spread: 1,
+            choice_spread: 16,
+            drain_chance: 0.5,
             check_memory: false,
         }
     }
@@ -179,6 +184,8 @@ pub struct Offer<H, V> {
     pub demand: f64,
     /// Its memory (MB).
     pub memory_mb: u64,
+    /// The source found no active host for it: a standby target may wake up for it.
+    pub wake: bool,
 }
 
 /// What a host decided.
@@ -209,6 +216,8 @@ pub struct TargetState {
     pub reserved_mb: u64,
     /// It is draining.
     pub draining: bool,
+    /// It holds no VM and nothing is on its way to it.
+    pub standby: bool,
 }
 
 impl TargetState {
@@ -216,6 +225,7 @@ impl TargetState {
     pub fn reserve<H, V>(&mut self, offer: &Offer<H, V>) {
         self.reserved += offer.forecast;
         self.reserved_mb += offer.memory_mb;
+        self.standby = false;
     }
 }
 
@@ -224,6 +234,8 @@ impl TargetState {
 pub enum Refusal {
     /// It is draining itself.
     Draining,
+    /// It is on standby and the offer does not ask to wake it (an active host may fit).
+    Standby,
     /// The VM would not fit one core.
     Core,
     /// Its forecast would exceed `target_limit`.
@@ -256,6 +268,9 @@ pub fn forecast(demand: &[f64], p: &Params) -> f64 {
 pub fn admit<H, V>(p: &Params, target: &TargetState, offer: &Offer<H, V>) -> Result<(), Refusal> {
     if target.draining {
         return Err(Refusal::Draining);
+    }
+    if target.standby && !offer.wake {
+        return Err(Refusal::Standby);
     }
     if offer.demand > target.core_capacity {
         return Err(Refusal::Core);
@@ -306,6 +321,7 @@ impl<H: Copy + PartialEq> Table<'_, H> {
             reserved: self.reserved[i],
             reserved_mb: self.reserved_mb[i],
             draining: r.draining,
+            standby: false,
         };
         let offer = Offer {
             vm: (),
@@ -313,6 +329,7 @@ impl<H: Copy + PartialEq> Table<'_, H> {
             forecast: f,
             demand: now,
             memory_mb: mem,
+            wake: true,
         };
         admit(p, &state, &offer).is_ok()
     }
@@ -326,7 +343,7 @@ impl<H: Copy + PartialEq> Table<'_, H> {
         eligible: impl Fn(&Row<H>) -> bool,
         wake: bool,
         rng: &mut impl RngCore,
-    ) -> Option<usize> {
+    ) -> Option<(usize, bool)> {
         let (f, now, mem) = vm;
         let mut fits: Vec<(f64, usize)> = (0..self.rows.len())
             .filter(|&i| !self.rows[i].standby && eligible(&self.rows[i]))
@@ -336,7 +353,8 @@ impl<H: Copy + PartialEq> Table<'_, H> {
                 ((r.forecast + self.reserved[i] + f) / r.capacity, i)
             })
             .collect();
-        if fits.is_empty() && wake {
+        let woke = fits.is_empty() && wake;
+        if woke {
             fits = (0..self.rows.len())
                 .filter(|&i| self.rows[i].standby && eligible(&self.rows[i]))
                 .filter(|&i| self.fits(p, i, f, now, mem))
@@ -351,7 +369,7 @@ impl<H: Copy + PartialEq> Table<'_, H> {
         // `spread` is small; the modulo picks uniformly enough among the best few.
         #[allow(clippy::cast_possible_truncation)]
         let k = (rng.next_u64() % spread as u64) as usize;
-        Some(fits[k].1)
+        Some((fits[k].1, woke))
     }
 
     fn take(&mut self, i: usize, f: f64, mem: u64) {
@@ -407,7 +425,7 @@ pub fn plan<H: Copy + PartialEq, V: Copy>(
             let Some(i) = pick else { break };
             left.retain(|&j| j != i);
             let vm = movable[i];
-            if let Some(target) = t.pick(
+            if let Some((target, woke)) = t.pick(
                 p,
                 (forecasts[i], vm.now(), vm.memory_mb),
                 |r| not_me(r) && !r.draining,
@@ -422,6 +440,7 @@ pub fn plan<H: Copy + PartialEq, V: Copy>(
                     forecast: forecasts[i],
                     demand: vm.now(),
                     memory_mb: vm.memory_mb,
+                    wake: woke,
                 });
             }
         }
@@ -442,6 +461,12 @@ pub fn plan<H: Copy + PartialEq, V: Copy>(
     if movable.iter().any(|v| v.on_cooldown(now_s, p.cooldown_s)) {
         return Action::Stay;
     }
+    // 2^53 values: exact in f64.
+    #[allow(clippy::cast_precision_loss)]
+    let draw = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+    if !own.draining && draw >= p.drain_chance {
+        return Action::Stay;
+    }
     // Fuller hosts only (a strict order, so two hosts never drain into each other), the
     // largest VMs first, all or none.
     let own_load = own.load_history.first().copied().unwrap_or(u);
@@ -457,7 +482,7 @@ pub fn plan<H: Copy + PartialEq, V: Copy>(
             false,
             rng,
         );
-        let Some(target) = target else {
+        let Some((target, _)) = target else {
             return Action::Stay;
         };
         t.take(target, forecasts[i], vm.memory_mb);
@@ -467,6 +492,7 @@ pub fn plan<H: Copy + PartialEq, V: Copy>(
             forecast: forecasts[i],
             demand: vm.now(),
             memory_mb: vm.memory_mb,
+            wake: false,
         });
     }
     Action::Drain(offers)
