@@ -19,9 +19,9 @@ use drift_protocol::policy::consolidate::Params;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let dir = args
-        .first()
-        .ok_or("usage: dcsim <planetlab-day-dir> [hosts] [--json] [--sorted] [--keep-idle] [--drift]")?;
+    let dir = args.first().ok_or(
+        "usage: dcsim <planetlab-day-dir> [hosts] [--json] [--sorted] [--keep-idle] [--drift]",
+    )?;
     let hosts: usize = match args.get(1).filter(|a| !a.starts_with("--")) {
         Some(h) => h.parse()?,
         None => 800,
@@ -74,7 +74,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let rounds: usize = std::env::var("DRIFT_ROUNDS").map_or(Ok(5), |r| r.parse())?;
     // Decentralized (every row one report interval old) and centralized.
-    for mode in [DriftMode::Decentralized { lag_steps: 1, rounds }, DriftMode::Centralized] {
+    for mode in [
+        DriftMode::Decentralized {
+            lag_steps: 1,
+            rounds,
+        },
+        DriftMode::Centralized,
+    ] {
         let mut drift = Drift::new(mode, params, 1);
         let started = Instant::now();
         let r = run_with(&scenario, &traces, &mut drift, &mut |_, _| {});

@@ -455,7 +455,10 @@ pub fn plan<H: Copy + PartialEq, V: Copy>(
             .iter()
             .take(p.underload_k)
             .all(|&x| x < p.lower);
-    if own.vms.is_empty() || movable.len() < own.vms.len() || !(own.draining || (quiet && u < p.lower)) {
+    if own.vms.is_empty()
+        || movable.len() < own.vms.len()
+        || !(own.draining || (quiet && u < p.lower))
+    {
         return Action::Stay;
     }
     if movable.iter().any(|v| v.on_cooldown(now_s, p.cooldown_s)) {
@@ -496,4 +499,204 @@ pub fn plan<H: Copy + PartialEq, V: Copy>(
         });
     }
     Action::Drain(offers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dcsim::drift::SplitMix;
+
+    const CAP: f64 = 1000.0;
+
+    fn params() -> Params {
+        Params {
+            drain_chance: 1.0,
+            choice_spread: 1,
+            ..Params::default()
+        }
+    }
+
+    fn vm(id: u32, demand: f64) -> LocalVm<u32> {
+        LocalVm {
+            id,
+            demand: vec![demand; 12],
+            memory_mb: 1000,
+            migrating: false,
+            moved_at_s: None,
+        }
+    }
+
+    fn row(id: u32, forecast: f64) -> Row<u32> {
+        Row {
+            id,
+            capacity: CAP,
+            core_capacity: CAP,
+            load: forecast,
+            forecast,
+            memory_free_mb: 4000,
+            standby: forecast == 0.0,
+            draining: false,
+        }
+    }
+
+    fn offers(a: &Action<u32, u32>) -> Vec<(u32, u32)> {
+        match a {
+            Action::Stay => Vec::new(),
+            Action::Relieve(o) | Action::Drain(o) => o.iter().map(|o| (o.vm, o.to)).collect(),
+        }
+    }
+
+    fn decide(own_vms: &[LocalVm<u32>], table: &[Row<u32>], now_s: f64) -> Action<u32, u32> {
+        let load: f64 = own_vms.iter().map(LocalVm::now).sum::<f64>() / CAP;
+        let hist = vec![load; 6];
+        let own = OwnHost {
+            id: 0,
+            capacity: CAP,
+            load_history: &hist,
+            vms: own_vms,
+            draining: false,
+        };
+        plan(&params(), now_s, &own, table, &mut SplitMix::new(7))
+    }
+
+    #[test]
+    fn underloaded_host_drains_when_every_vm_fits_elsewhere() {
+        let vms = [vm(1, 100.0), vm(2, 150.0)];
+        // Host 1 is fuller and has room for both under the 0.85 limit; host 2 is emptier.
+        let table = [row(0, 250.0), row(1, 500.0), row(2, 100.0)];
+        let a = decide(&vms, &table, 0.0);
+        assert!(matches!(a, Action::Drain(_)), "{a:?}");
+        let mut moved = offers(&a);
+        moved.sort_unstable();
+        assert_eq!(moved, vec![(1, 1), (2, 1)]);
+    }
+
+    #[test]
+    fn underloaded_host_stays_when_one_vm_fits_nowhere() {
+        let vms = [vm(1, 100.0), vm(2, 300.0)];
+        // Room for 500 in total, 250 on each host: VM 1 fits, VM 2 nowhere; all or none.
+        let table = [row(0, 400.0), row(1, 600.0), row(2, 600.0)];
+        assert_eq!(decide(&vms, &table, 0.0), Action::Stay);
+        // With room for VM 2 on one of them, it drains.
+        let table = [row(0, 400.0), row(1, 600.0), row(2, 500.0)];
+        assert!(matches!(decide(&vms, &table, 0.0), Action::Drain(_)));
+        // A standby host would fit both, but a drain never wakes one.
+        let table = [row(0, 400.0), row(1, 600.0), row(2, 0.0)];
+        assert_eq!(decide(&vms, &table, 0.0), Action::Stay);
+    }
+
+    #[test]
+    fn standby_host_is_a_target_only_when_no_active_host_fits() {
+        let vms = [vm(1, 600.0), vm(2, 450.0)];
+        let active = [row(0, 1050.0), row(1, 300.0), row(2, 0.0)];
+        let a = decide(&vms, &active, 0.0);
+        assert!(matches!(a, Action::Relieve(_)), "{a:?}");
+        assert_eq!(offers(&a), vec![(2, 1)]);
+        let full = [row(0, 1050.0), row(1, 700.0), row(2, 0.0)];
+        let a = decide(&vms, &full, 0.0);
+        assert_eq!(offers(&a), vec![(2, 2)]);
+        let Action::Relieve(o) = a else { panic!() };
+        assert!(o[0].wake);
+    }
+
+    #[test]
+    fn target_refuses_what_would_pass_its_limit_with_reservations() {
+        let p = params();
+        let mut target = TargetState {
+            capacity: CAP,
+            core_capacity: CAP,
+            forecast: 400.0,
+            memory_free_mb: 4000,
+            ..TargetState::default()
+        };
+        let offer = Offer {
+            vm: 1,
+            to: 9,
+            forecast: 300.0,
+            demand: 250.0,
+            memory_mb: 1000,
+            wake: false,
+        };
+        assert_eq!(admit(&p, &target, &offer), Ok(()));
+        target.reserve(&offer);
+        assert_eq!(admit(&p, &target, &offer), Err(Refusal::Load));
+        let small = Offer {
+            forecast: 100.0,
+            ..offer
+        };
+        assert_eq!(admit(&p, &target, &small), Ok(()));
+        target.draining = true;
+        assert_eq!(admit(&p, &target, &small), Err(Refusal::Draining));
+        let asleep = TargetState {
+            standby: true,
+            forecast: 0.0,
+            ..TargetState::default()
+        };
+        assert_eq!(admit(&p, &asleep, &small), Err(Refusal::Standby));
+    }
+
+    #[test]
+    fn vm_on_cooldown_is_not_picked() {
+        // Overloaded by two samples; VM 1 alone would end it with less memory, but it just
+        // moved here.
+        let mut vms = [vm(1, 500.0), vm(2, 500.0)];
+        vms[0].memory_mb = 500;
+        vms[0].moved_at_s = Some(1000.0);
+        let table = [row(0, 1000.0), row(1, 200.0)];
+        let load = vec![0.95, 0.95, 0.5];
+        let own = OwnHost {
+            id: 0,
+            capacity: CAP,
+            load_history: &load,
+            vms: &vms,
+            draining: false,
+        };
+        let p = params();
+        let a = plan(&p, 2000.0, &own, &table, &mut SplitMix::new(1));
+        assert_eq!(offers(&a), vec![(2, 1)]);
+        // Off cooldown, the lighter VM goes.
+        let a = plan(
+            &p,
+            1000.0 + p.cooldown_s,
+            &own,
+            &table,
+            &mut SplitMix::new(1),
+        );
+        assert_eq!(offers(&a), vec![(1, 1)]);
+        // A host holding a VM on cooldown does not drain.
+        let quiet = [
+            vm(3, 100.0),
+            LocalVm {
+                moved_at_s: Some(1000.0),
+                ..vm(4, 100.0)
+            },
+        ];
+        assert_eq!(
+            decide(&quiet, &[row(0, 200.0), row(1, 400.0)], 2000.0),
+            Action::Stay
+        );
+        assert!(matches!(
+            decide(
+                &quiet,
+                &[row(0, 200.0), row(1, 400.0)],
+                1000.0 + p.cooldown_s
+            ),
+            Action::Drain(_)
+        ));
+    }
+
+    #[test]
+    fn forecast_is_a_high_quantile_never_below_now() {
+        let p = params();
+        let mut d: Vec<f64> = (1..=10).map(f64::from).collect();
+        d.reverse(); // newest first: 10, 9, …, 1
+        assert_eq!(forecast(&d, &p), 10.0);
+        // Now 1: the 9th of the 10 sorted samples (1, 1, 2, …, 9) is 8.
+        d[0] = 1.0;
+        assert_eq!(forecast(&d, &p), 8.0);
+        // Never below now.
+        d[0] = 20.0;
+        assert_eq!(forecast(&d, &p), 20.0);
+        assert_eq!(forecast(&[], &p), 0.0);
+    }
 }
