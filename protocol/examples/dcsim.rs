@@ -72,16 +72,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok(j) => serde_json::from_str(&j)?,
         Err(_) => Params::default(),
     };
+    // DRIFT_ROUNDS, DRIFT_LAG, DRIFT_SEED: offer rounds per step, table age in steps, RNG seed.
     let rounds: usize = std::env::var("DRIFT_ROUNDS").map_or(Ok(5), |r| r.parse())?;
+    let lag_steps: usize = std::env::var("DRIFT_LAG").map_or(Ok(1), |r| r.parse())?;
+    let seed: u64 = std::env::var("DRIFT_SEED").map_or(Ok(1), |r| r.parse())?;
     // Decentralized (every row one report interval old) and centralized.
     for mode in [
         DriftMode::Decentralized {
-            lag_steps: 1,
+            lag_steps,
             rounds,
         },
         DriftMode::Centralized,
     ] {
-        let mut drift = Drift::new(mode, params, 1);
+        let mut drift = Drift::new(mode, params, seed);
         let started = Instant::now();
         let r = run_with(&scenario, &traces, &mut drift, &mut |_, _| {});
         print_report(&r, started.elapsed().as_secs_f64(), json)?;

@@ -236,7 +236,7 @@ pub enum Refusal {
     Draining,
     /// It is on standby and the offer does not ask to wake it (an active host may fit).
     Standby,
-    /// The VM would not fit one core.
+    /// The VM (now or as forecast) would not fit one core.
     Core,
     /// Its forecast would exceed `target_limit`.
     Load,
@@ -272,7 +272,7 @@ pub fn admit<H, V>(p: &Params, target: &TargetState, offer: &Offer<H, V>) -> Res
     if target.standby && !offer.wake {
         return Err(Refusal::Standby);
     }
-    if offer.demand > target.core_capacity {
+    if offer.demand.max(offer.forecast) > target.core_capacity {
         return Err(Refusal::Core);
     }
     if target.forecast + target.reserved + offer.forecast > p.target_limit * target.capacity {
