@@ -78,10 +78,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let seed: u64 = std::env::var("DRIFT_SEED").map_or(Ok(1), |r| r.parse())?;
     // Decentralized (every row one report interval old) and centralized.
     for mode in [
-        DriftMode::Decentralized {
-            lag_steps,
-            rounds,
-        },
+        DriftMode::Decentralized { lag_steps, rounds },
         DriftMode::Centralized,
     ] {
         let mut drift = Drift::new(mode, params, seed);

@@ -278,6 +278,7 @@ impl Planner for Drift {
                         let own = OwnHost {
                             id: h,
                             capacity: rows[h].capacity,
+                            core_capacity: rows[h].core_capacity,
                             load_history: &hist,
                             vms: &local,
                             draining: self.draining[h],
@@ -383,6 +384,7 @@ impl Planner for Drift {
                     let own = OwnHost {
                         id: h,
                         capacity: rows[h].capacity,
+                        core_capacity: rows[h].core_capacity,
                         load_history: &hist,
                         vms: &local,
                         draining: self.draining[h],

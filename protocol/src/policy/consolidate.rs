@@ -27,7 +27,9 @@
 //!
 //! ```mermaid
 //! flowchart TD
-//!     S[own load sample] --> O{overloaded: load > saturated now, or > upper in k of the last n}
+//!     S[own load sample] --> C{a VM asks more than one core?}
+//!     C -- yes --> M[move it to a host with larger cores]
+//!     C -- no --> O{overloaded: load > saturated now, or > upper in k of the last n}
 //!     O -- yes --> R[relieve: the VM whose move brings the forecast under relieve_to, least memory first; none on cooldown unless overloaded for long]
 //!     R --> T[targets: active hosts that stay under target_limit with the VM's forecast, fullest first; standby hosts only if none fits]
 //!     O -- no --> U{forecast < lower for k samples, or already draining}
@@ -142,6 +144,9 @@ pub struct OwnHost<'a, H, V> {
     pub id: H,
     /// CPU capacity.
     pub capacity: f64,
+    /// The most one VM can get (one core): a VM asking more is starved here, whatever the
+    /// host's total load, and moves to a host with larger cores.
+    pub core_capacity: f64,
     /// Requested load as fractions of capacity, newest first; `[0]` is now.
     pub load_history: &'a [f64],
     /// Its VMs.
@@ -395,6 +400,28 @@ pub fn plan<H: Copy + PartialEq, V: Copy>(
     let not_me = |r: &Row<H>| r.id != own.id;
     let movable: Vec<&LocalVm<V>> = own.vms.iter().filter(|v| !v.migrating).collect();
     let forecasts: Vec<f64> = movable.iter().map(|v| forecast(&v.demand, p)).collect();
+    let starved: Vec<usize> = (0..movable.len())
+        .filter(|&i| movable[i].now() > own.core_capacity)
+        .collect();
+    if !starved.is_empty() {
+        let mut offers = Vec::new();
+        for i in starved {
+            let vm = movable[i];
+            let fit = (forecasts[i], vm.now(), vm.memory_mb);
+            if let Some((target, woke)) = t.pick(p, fit, |r| not_me(r) && !r.draining, true, rng) {
+                t.take(target, forecasts[i], vm.memory_mb);
+                offers.push(Offer {
+                    vm: vm.id,
+                    to: table[target].id,
+                    forecast: forecasts[i],
+                    demand: vm.now(),
+                    memory_mb: vm.memory_mb,
+                    wake: woke,
+                });
+            }
+        }
+        return Action::Relieve(offers);
+    }
     let (over, long) = overloaded(p, own.load_history);
     if over {
         let ignore_cooldown = long >= p.long_overload;
@@ -552,6 +579,7 @@ mod tests {
         let own = OwnHost {
             id: 0,
             capacity: CAP,
+            core_capacity: CAP,
             load_history: &hist,
             vms: own_vms,
             draining: false,
@@ -647,6 +675,7 @@ mod tests {
         let own = OwnHost {
             id: 0,
             capacity: CAP,
+            core_capacity: CAP,
             load_history: &load,
             vms: &vms,
             draining: false,
