@@ -73,7 +73,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Err(_) => Params::default(),
     };
     // DRIFT_ROUNDS, DRIFT_LAG, DRIFT_SEED: offer rounds per step, table age in steps, RNG seed.
-    let rounds: usize = std::env::var("DRIFT_ROUNDS").map_or(Ok(5), |r| r.parse())?;
+    let rounds: usize = std::env::var("DRIFT_ROUNDS").map_or(Ok(10), |r| r.parse())?;
     let lag_steps: usize = std::env::var("DRIFT_LAG").map_or(Ok(1), |r| r.parse())?;
     let seed: u64 = std::env::var("DRIFT_SEED").map_or(Ok(1), |r| r.parse())?;
     // Decentralized (every row one report interval old) and centralized.

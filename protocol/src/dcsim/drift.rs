@@ -136,7 +136,7 @@ impl Drift {
         Self::new(
             Mode::Decentralized {
                 lag_steps: 1,
-                rounds: 5,
+                rounds: 10,
             },
             Params::default(),
             1,
@@ -354,6 +354,11 @@ impl Planner for Drift {
                 }
             }
             Mode::Centralized => {
+                // One planner with a fresh view needs no spreading: always the best fit.
+                let p = Params {
+                    choice_spread: 1,
+                    ..p
+                };
                 let mut order: Vec<usize> = (0..n).filter(|&h| !lists[h].is_empty()).collect();
                 let over: Vec<bool> = (0..n)
                     .map(|h| {

@@ -104,8 +104,8 @@ impl Default for Params {
             forecast_quantile: 0.9,
             cooldown_s: 3.0 * 3600.0,
             long_overload: 3,
-            choice_spread: 16,
-            drain_chance: 0.5,
+            choice_spread: 32,
+            drain_chance: 1.0,
             check_memory: false,
         }
     }
