@@ -11,6 +11,12 @@
 //! does; on the copy in /work/shared/data this reproduces CloudSim 3.0.3's published figures
 //! exactly. `--sorted` takes them in byte order of their names (portable, deterministic).
 //! `--keep-idle` keeps VMs whose demand drops to 0 (CloudSim removes them).
+//!
+//! After the published policies it runs drift's own, `drift-decentralized` and
+//! `drift-centralized` (see `dcsim::drift`), and prints on stderr what their hosts decided and
+//! how their targets answered. `--drift` runs only those two. Environment, for experiments:
+//! `DRIFT_PARAMS` (a JSON `policy::consolidate::Params`, every field), `DRIFT_ROUNDS` (offer
+//! rounds per step, 10), `DRIFT_LAG` (table age in steps, 1), `DRIFT_SEED` (1).
 
 use std::time::Instant;
 
