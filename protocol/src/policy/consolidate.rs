@@ -15,8 +15,9 @@
 //!    newest first), its VMs as [`LocalVm`] (demand history newest first, memory, whether a
 //!    migration is under way, when each VM last moved) and whether it is draining;
 //! 2. build one [`Row`] per peer from its table (the latest signed report: capacity, requested
-//!    load, forecast load, memory free, `standby` = it holds no VM, `draining`); rows as old as
-//!    the mesh makes them are fine, admission catches what changed;
+//!    load, forecast load, memory free, `standby` = it holds no VM, `draining`), e.g. with
+//!    [`Row::from_report`]; rows as old as the mesh makes them are fine, admission catches
+//!    what changed;
 //! 3. call [`plan`]; for [`Action::Relieve`] and [`Action::Drain`] send every [`Offer`] to its
 //!    target (a drain sets the host's `draining` flag in its next reports);
 //! 4. a host receiving an offer calls [`admit`] with its own *current* [`TargetState`],
@@ -49,6 +50,9 @@
 
 use rand_core::RngCore;
 use serde::{Deserialize, Serialize};
+
+use crate::ids::NodeId;
+use crate::report::{LoadReport, PERMILLE};
 
 /// The tunables of consolidation. Fractions are of a host's capacity.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -174,6 +178,31 @@ pub struct Row<H> {
     pub standby: bool,
     /// It is draining: never a target.
     pub draining: bool,
+}
+
+impl Row<NodeId> {
+    /// The row of a peer's latest signed report. `capacity` and `core_capacity` are in the
+    /// caller's CPU unit (e.g. 1000 × the peer's CPUs from the roster, so permille of one CPU).
+    /// Reports carry neither a forecast nor a draining flag yet: the forecast is the VMs'
+    /// demand plus the CPU reserved for incoming migrations, `draining` is false (a draining
+    /// host refuses at admission anyway), and `standby` means it reports no VM.
+    pub fn from_report(report: &LoadReport, capacity: f64, core_capacity: f64) -> Self {
+        let frac = |permille: u32| f64::from(permille) / f64::from(PERMILLE) * capacity;
+        Self {
+            id: report.node,
+            capacity,
+            core_capacity,
+            load: frac(report.vm_demand_permille),
+            forecast: frac(
+                report
+                    .vm_demand_permille
+                    .saturating_add(report.reserved_permille),
+            ),
+            memory_free_mb: report.mem_total_mib.saturating_sub(report.mem_used_mib),
+            standby: report.vm_count == 0,
+            draining: false,
+        }
+    }
 }
 
 /// A VM the deciding host asks a target to take.
@@ -712,6 +741,30 @@ mod tests {
             ),
             Action::Drain(_)
         ));
+    }
+
+    #[test]
+    fn row_from_a_report_scales_permille_to_capacity() {
+        let key = crate::keys::SecretKey::from_slice(&[7; 32]).expect("a 32-byte seed");
+        let mut report = LoadReport {
+            node: key.public(),
+            seq: 1,
+            issued_at: crate::time::Timestamp(0),
+            roster_epoch: 1,
+            cpu_permille: 420,
+            mem_used_mib: 1000,
+            mem_total_mib: 4000,
+            power_mw: 0,
+            power_measured: false,
+            vm_count: 2,
+            vm_demand_permille: 300,
+            reserved_permille: 100,
+        };
+        let r = Row::from_report(&report, 2000.0, 1000.0);
+        assert_eq!((r.load, r.forecast, r.memory_free_mb), (600.0, 800.0, 3000));
+        assert!(!r.standby && !r.draining);
+        report.vm_count = 0;
+        assert!(Row::from_report(&report, 2000.0, 1000.0).standby);
     }
 
     #[test]
