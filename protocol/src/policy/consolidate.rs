@@ -22,8 +22,11 @@
 //!    target (a drain sets the host's `draining` flag in its next reports);
 //! 4. a host receiving an offer calls [`admit`] with its own *current* [`TargetState`],
 //!    including the forecast demand and memory of the offers it already accepted and whose VMs
-//!    have not arrived yet ([`TargetState::reserve`] after each acceptance). Refused offers are
-//!    simply planned again at the next interval, from a fresher table;
+//!    have not arrived yet ([`TargetState::reserve`] after each acceptance), and answers with
+//!    its current numbers. A source whose offer was refused puts those numbers in its table
+//!    and calls [`plan`] again at once (a few rounds, each a round trip), or at the next
+//!    interval; targets are drawn among the `choice_spread` best fits so hosts with the same
+//!    table do not all pick the same one;
 //! 5. when a VM arrives, the host records `moved_at_s` for it: the VM is on cooldown.
 //!
 //! ```mermaid
@@ -33,7 +36,7 @@
 //!     C -- no --> O{overloaded: load > saturated now, or > upper in k of the last n}
 //!     O -- yes --> R[relieve: the VM whose move brings the forecast under relieve_to, least memory first; none on cooldown unless overloaded for long]
 //!     R --> T[targets: active hosts that stay under target_limit with the VM's forecast, fullest first; standby hosts only if none fits]
-//!     O -- no --> U{forecast < lower for k samples, or already draining}
+//!     O -- no --> U{load < lower for k samples and forecast < lower, or already draining}
 //!     U -- no --> Stay
 //!     U -- yes --> D{every VM fits on a fuller active host, none on cooldown?}
 //!     D -- no --> Stay
