@@ -17,6 +17,8 @@ const ALLOWED_DEPS: &[&str] = &[
     "rand_core",
     "bs58",
     "hex",
+    // Pure block compression for packed pages (no I/O, no threads).
+    "lz4_flex",
 ];
 
 /// Paths whose use would mean I/O, a clock, threads or the environment.

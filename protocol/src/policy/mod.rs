@@ -16,6 +16,10 @@
 //!   [`Decision`].
 //! - [`cluster`]: a whole cluster as a value (hosts, VMs, optional demand traces) and builders
 //!   for skewed starting states, synthetic or from PlanetLab traces.
+//! - [`consolidate`]: drift's consolidation decision, both directions: an overloaded host
+//!   moves the right VM away, an underloaded one drains to fuller hosts and goes standby;
+//!   forecast-based placement, per-VM cooldown, a target's admission with its reservations.
+//!   The module docs say how the node's autopilot calls it with its table.
 //! - [`baseline`]: a centralized greedy planner that sees the whole table at once, with the
 //!   same thresholds, for comparison.
 //! - [`sim`]: a discrete-time simulator of a cluster where every host decides independently
@@ -73,6 +77,7 @@ use serde::{Deserialize, Serialize};
 pub mod baseline;
 pub mod choose;
 pub mod cluster;
+pub mod consolidate;
 pub mod detect;
 pub mod sim;
 
