@@ -18,7 +18,8 @@ pub struct SimArgs {
     #[arg(long, default_value_t = 800)]
     pub hosts: usize,
     /// A policy to run (repeatable): NPA, DVFS, THR-MMT-0.8, IQR-MMT-1.5, MAD-MMT-2.5,
-    /// LR-MMT-1.2. Default: all of them.
+    /// LR-MMT-1.2 (the published ones), drift-decentralized, drift-centralized (drift's own).
+    /// Default: all of them.
     #[arg(long = "policy")]
     pub policies: Vec<String>,
     /// Take the trace files in byte order of their names rather than the directory's own
@@ -67,7 +68,7 @@ pub(crate) fn sim(a: SimArgs) -> anyhow::Result<ExitCode> {
         indicatif::ProgressBar::new(0)
     };
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg:<14} [{bar:40}] {pos}/{len} steps")
+        indicatif::ProgressStyle::with_template("{msg:<20} [{bar:40}] {pos}/{len} steps")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
@@ -108,7 +109,7 @@ fn print_table(a: &SimArgs, vms: usize, reports: &[Report], secs: f64) {
         reports.len()
     );
     println!(
-        "{:<14} {:>10} {:>8} {:>8} {:>9} {:>9} {:>10} {:>9} {:>6} {:>7}",
+        "{:<20} {:>10} {:>8} {:>8} {:>9} {:>9} {:>10} {:>9} {:>6} {:>7}",
         "POLICY",
         "ENERGY kWh",
         "SLATAH%",
@@ -122,7 +123,7 @@ fn print_table(a: &SimArgs, vms: usize, reports: &[Report], secs: f64) {
     );
     for r in reports {
         println!(
-            "{:<14} {:>10.2} {:>8.2} {:>8.4} {:>9.5} {:>9.3} {:>10} {:>9} {:>6} {:>7.1}",
+            "{:<20} {:>10.2} {:>8.3} {:>8.4} {:>9.6} {:>9.4} {:>10} {:>9} {:>6} {:>7.1}",
             r.policy,
             r.energy_kwh,
             r.slatah * 100.0,

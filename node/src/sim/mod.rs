@@ -10,7 +10,7 @@ pub mod plot;
 use std::path::Path;
 
 use anyhow::{bail, Context};
-use drift_protocol::dcsim::{run, Policy, Report, Scenario, Trace};
+use drift_protocol::dcsim::{run, run_with, Drift, Policy, Report, Scenario, Trace};
 
 /// The most trace files a day may hold (the shipped days hold 898 and 1052).
 pub const MAX_TRACES: usize = 100_000;
@@ -65,16 +65,59 @@ pub fn load_traces(dir: &Path, order: Order) -> anyhow::Result<Vec<Trace>> {
     Ok(traces)
 }
 
+/// A policy `drift sim` runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SimPolicy {
+    /// A published one (or a baseline), centralized as published.
+    Published(Policy),
+    /// drift's own ([`drift_protocol::policy::consolidate`]): every host on its own from a
+    /// table one report old, as the nodes run it.
+    DriftDecentralized,
+    /// drift's own rules with one fresh view, in sequence: what decentralization costs.
+    DriftCentralized,
+}
+
+impl SimPolicy {
+    /// Its name in tables and plots.
+    pub fn name(&self) -> String {
+        match self {
+            Self::Published(p) => p.name(),
+            Self::DriftDecentralized => "drift-decentralized".into(),
+            Self::DriftCentralized => "drift-centralized".into(),
+        }
+    }
+
+    /// Replays the day under this policy.
+    pub fn run(
+        &self,
+        scenario: &Scenario,
+        traces: &[Trace],
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Report {
+        match self {
+            Self::Published(p) => run(scenario, traces, *p, progress),
+            Self::DriftDecentralized => {
+                run_with(scenario, traces, &mut Drift::decentralized(), progress)
+            }
+            Self::DriftCentralized => {
+                run_with(scenario, traces, &mut Drift::centralized(), progress)
+            }
+        }
+    }
+}
+
 /// Every policy `drift sim` knows, in the order it runs them.
-pub fn all_policies() -> Vec<Policy> {
+pub fn all_policies() -> Vec<SimPolicy> {
     Policy::BASELINES
         .into_iter()
         .chain(Policy::PUBLISHED)
+        .map(SimPolicy::Published)
+        .chain([SimPolicy::DriftDecentralized, SimPolicy::DriftCentralized])
         .collect()
 }
 
 /// The policy named `name` (case does not matter), or an error listing the names.
-pub fn policy_named(name: &str) -> anyhow::Result<Policy> {
+pub fn policy_named(name: &str) -> anyhow::Result<SimPolicy> {
     let all = all_policies();
     all.iter()
         .find(|p| p.name().eq_ignore_ascii_case(name))
@@ -89,14 +132,14 @@ pub fn policy_named(name: &str) -> anyhow::Result<Policy> {
 pub fn run_all(
     scenario: &Scenario,
     traces: &[Trace],
-    policies: &[Policy],
+    policies: &[SimPolicy],
     progress: &mut dyn FnMut(usize, usize, usize),
 ) -> Vec<Report> {
     policies
         .iter()
         .enumerate()
-        .map(|(i, &policy)| {
-            run(scenario, traces, policy, &mut |step, steps| {
+        .map(|(i, p)| {
+            p.run(scenario, traces, &mut |step, steps| {
                 progress(i, step, steps)
             })
         })
@@ -141,9 +184,16 @@ mod tests {
     fn policies_are_found_by_name_and_an_unknown_one_is_refused_with_the_list() {
         assert_eq!(
             policy_named("thr-mmt-0.8").unwrap(),
-            Policy::Thr { threshold: 0.8 }
+            SimPolicy::Published(Policy::Thr { threshold: 0.8 })
+        );
+        assert_eq!(
+            policy_named("drift-decentralized").unwrap(),
+            SimPolicy::DriftDecentralized
         );
         let err = policy_named("best-fit").unwrap_err().to_string();
-        assert!(err.contains("LR-MMT-1.2"), "{err}");
+        assert!(
+            err.contains("LR-MMT-1.2") && err.contains("drift-centralized"),
+            "{err}"
+        );
     }
 }
