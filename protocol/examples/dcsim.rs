@@ -8,8 +8,8 @@
 //!
 //! VM `i` gets type `i / ceil(n / 4)`, so the order of the files matters (±8 % on energy).
 //! By default they are taken in the directory's own order, as CloudSim's `File.listFiles`
-//! does; on the copy in /work/shared/data this reproduces CloudSim 3.0.3's published figures
-//! exactly. `--sorted` takes them in byte order of their names (portable, deterministic).
+//! does; on the shipped copy of the evaluation data this reproduces CloudSim 3.0.3's
+//! published figures exactly. `--sorted` takes them in byte order of their names (portable, deterministic).
 //! `--keep-idle` keeps VMs whose demand drops to 0 (CloudSim removes them).
 //!
 //! After the published policies it runs drift's own, `drift-decentralized` and

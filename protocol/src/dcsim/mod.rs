@@ -32,7 +32,8 @@
 //!
 //! ## Fidelity
 //!
-//! On the two PlanetLab days in `/work/shared/data/planetlab`, with the traces passed in the
+//! On the two PlanetLab days shipped with the evaluation data (`planetlab/20110303` and
+//! `20110306`, from CloudSim), with the traces passed in the
 //! directory's own order (CloudSim's `File.listFiles`; VM `i` gets type `i / ceil(n / 4)`, so
 //! the order matters: byte order of the names moves energy by −3 to −4 %), the example
 //! `dcsim` reproduces CloudSim 3.0.3's figures to the printed digit (energy kWh, SLATAH %,
@@ -82,7 +83,7 @@
 //! admitting against its current state and what it already accepted. Centralized: the same
 //! rules in sequence on one fresh view, always the best fit.
 //!
-//! `cargo run --release -p drift-protocol --example dcsim -- /work/shared/data/planetlab/<day>`
+//! `cargo run --release -p drift-protocol --example dcsim -- ../shared/data/planetlab/<day>`
 //! (seed 1; SLAV and ESV as fractions):
 //!
 //! | day | policy | energy kWh | SLATAH % | PDM % | SLAV | ESV | migrations | shutdowns | mean active |
