@@ -69,6 +69,8 @@ use crate::migration::service::{MigrateError, Migrations};
 use crate::state::NodeState;
 use crate::table::Liveness;
 
+mod consolidate;
+
 /// The seedable RNG every policy decision of a node draws from.
 pub type PolicyRng = rand_chacha::ChaCha8Rng;
 
@@ -327,6 +329,8 @@ pub struct Autopilot {
     meter: crate::move_plan::Meter,
     /// VMs predicted not to move within their limits, left out until the given time.
     unmovable: BTreeMap<VmId, Timestamp>,
+    /// Consolidation's load and demand histories (`balance.consolidate`).
+    histories: consolidate::Histories,
 }
 
 impl Autopilot {
@@ -352,6 +356,7 @@ impl Autopilot {
             in_flight: None,
             meter: Default::default(),
             unmovable: BTreeMap::new(),
+            histories: Default::default(),
         }
     }
 
@@ -387,12 +392,19 @@ impl Autopilot {
         self.sent.retain(|s| now.millis_since(s.at) <= max_age);
         let (_, load) = crate::monitor::vm_load(&self.state);
         let assessment = self.tracker.observe(load, &self.policy);
+        if self.settings.consolidate {
+            self.observe_for_consolidation(load);
+        }
         if let Some(f) = &self.in_flight {
             debug!(vm = %f.name, target = %f.target.short(), load, "a move is running; not deciding");
             return;
         }
         self.meter.sample(&self.state.vms.list().await);
         self.unmovable.retain(|_, until| *until > now);
+        if self.settings.consolidate {
+            self.consolidate_step(cancel, now, assessment).await;
+            return;
+        }
         let roster = self.state.roster().roster.clone();
         let all_vms = self.local_vms();
         let views = self.views(&roster);

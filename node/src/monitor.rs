@@ -247,6 +247,7 @@ pub fn build_report(
         vm_count: 0,
         vm_demand_permille: 0,
         reserved_permille: 0,
+        standby: false,
     }
 }
 
@@ -301,6 +302,7 @@ pub async fn run(
         report.vm_count = vm_count;
         report.vm_demand_permille = vm_demand;
         report.reserved_permille = pending_reserved(&state, migrations.reserved_permille());
+        report.standby = state.standby.load(std::sync::atomic::Ordering::Relaxed);
         seq = report.seq;
         let frame = encode_frame(&Signed::sign(&report, &key));
         state.table().insert(report, Instant::now());

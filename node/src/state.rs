@@ -88,6 +88,10 @@ pub struct NodeState {
     pub counters: Counters,
     /// The node's VMs.
     pub vms: crate::hypervisor::Vms,
+    /// Consolidation: this host is draining its VMs away and refuses offers meanwhile.
+    pub draining: std::sync::atomic::AtomicBool,
+    /// Consolidation: this host drained and sleeps; its load reports say so.
+    pub standby: std::sync::atomic::AtomicBool,
 }
 
 impl NodeState {
@@ -115,6 +119,8 @@ impl NodeState {
             audit: Mutex::new(audit),
             counters: Counters::default(),
             vms,
+            draining: Default::default(),
+            standby: Default::default(),
         }
     }
 

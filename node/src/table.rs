@@ -72,6 +72,9 @@ pub struct Row {
     pub vm_demand: Option<f64>,
     /// CPU reserved for incoming migrations, fraction of host capacity.
     pub reserved: Option<f64>,
+    /// The host drained its VMs to consolidate and sleeps (`balance.consolidate`).
+    #[serde(default)]
+    pub standby: Option<bool>,
     pub issued_at: Option<Timestamp>,
     pub labels: BTreeMap<String, String>,
     /// This row is the node answering.
@@ -162,6 +165,7 @@ impl Table {
                     vms: r.map(|r| r.vm_count),
                     vm_demand: r.map(|r| frac(r.vm_demand_permille)),
                     reserved: r.map(|r| frac(r.reserved_permille)),
+                    standby: r.map(|r| r.standby),
                     issued_at: r.map(|r| r.issued_at),
                     labels: m.labels.clone(),
                     me: &m.id == me,
@@ -194,6 +198,7 @@ mod tests {
             vm_count: 0,
             vm_demand_permille: 0,
             reserved_permille: 0,
+            standby: false,
         }
     }
 

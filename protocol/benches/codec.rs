@@ -37,6 +37,7 @@ fn report(node: NodeId) -> LoadReport {
         vm_count: 17,
         vm_demand_permille: 1_240,
         reserved_permille: 150,
+        standby: false,
     }
 }
 

@@ -251,6 +251,8 @@ pub enum RejectReason {
     SourceShare,
     #[error("this source's recent migrations stalled or broke the protocol; it is backed off")]
     BackedOff,
+    #[error("this host is draining its VMs to consolidate: it takes none")]
+    Draining,
 }
 
 impl RejectReason {
@@ -271,6 +273,7 @@ impl RejectReason {
             RejectReason::AlreadyHere => "already_here",
             RejectReason::SourceShare => "source_share",
             RejectReason::BackedOff => "backed_off",
+            RejectReason::Draining => "draining",
         }
     }
 }

@@ -53,6 +53,9 @@ pub struct LoadReport {
     pub vm_demand_permille: u32,
     /// CPU reserved for accepted incoming migrations, permille of host capacity.
     pub reserved_permille: u32,
+    /// The host drained its VMs to consolidate and sleeps: it takes VMs only when no active
+    /// host can (see [`crate::policy::consolidate`]).
+    pub standby: bool,
 }
 
 impl Signable for LoadReport {
@@ -308,6 +311,7 @@ mod tests {
             vm_count: 2,
             vm_demand_permille: 300,
             reserved_permille: 0,
+            standby: false,
         }
     }
 

@@ -760,6 +760,7 @@ fn corpus(rng: &mut StdRng) -> (World, Vec<Item>) {
             vm_count: rng.gen_range(0..64),
             vm_demand_permille: rng.gen_range(0..5000),
             reserved_permille: rng.gen_range(0..1000),
+            standby: false,
         };
         items.push(signed_item(&report, &host));
     }
@@ -2130,6 +2131,7 @@ fn overlong_report_frame() -> (Signed<LoadReport>, Vec<u8>, Vec<u8>) {
         vm_count: 0,
         vm_demand_permille: 0,
         reserved_permille: 0,
+        standby: false,
     };
     let signed = Signed::sign(&report, &key);
     let frame = encode_frame(&signed);

@@ -163,6 +163,7 @@ fn load_report() -> impl Strategy<Value = LoadReport> {
                 vm_count,
                 vm_demand_permille,
                 reserved_permille,
+                standby: false,
             },
         )
 }
@@ -1296,6 +1297,7 @@ fn good_report(
                     vm_count,
                     vm_demand_permille,
                     reserved_permille,
+                    standby: false,
                 };
                 (report, newest.map(|n| n % seq))
             },

@@ -334,6 +334,7 @@ pub fn tapped_pair(
     (c, seen)
 }
 
+pub mod api;
 pub mod compose;
 pub use cluster::{Cluster, NodeProc};
 

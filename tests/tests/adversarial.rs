@@ -49,6 +49,7 @@ fn report(node: NodeId, seq: u64, issued_at: Timestamp) -> LoadReport {
         vm_count: 0,
         vm_demand_permille: 0,
         reserved_permille: 0,
+        standby: false,
     }
 }
 

@@ -23,15 +23,11 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use drift_node::autopilot::{Action, DecisionRecord, PolicyRng};
 use drift_node::config::Config;
-use drift_node::control::{
-    client, CreateVm, DecisionsView, MigrationsView, TableView, VerifyView, VmsView,
-};
 use drift_node::hypervisor::{RunState, VmView};
 use drift_node::mesh::peer_id;
 use drift_node::migration::frames::{read_typed, write_typed};
@@ -43,6 +39,7 @@ use drift_protocol::policy::{
     self, ClusterHost, HostedVm, MoveLimits, Outcome, PolicyConfig, SimConfig, SimMode,
 };
 use drift_protocol::{MigrationId, NodeId, SecretKey, Signed, VmId};
+use drift_tests::api::{all_there_and_clean, restart_all, set_balance, Api, DIRTY_MIB_PER_S};
 use drift_tests::{drift, drift_ok, wait_until, Cluster};
 use rand_core::{OsRng, RngCore};
 use tokio_util::compat::FuturesAsyncReadCompatExt;
@@ -53,185 +50,8 @@ fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Replaces the `[balance]` section (the last one of a generated config).
-fn set_balance(config: &Path, settings: &str) {
-    let text = std::fs::read_to_string(config).unwrap();
-    let end = text.find("\n[balance]\n").unwrap_or(text.len());
-    std::fs::write(config, format!("{}\n[balance]\n{settings}", &text[..end])).unwrap();
-}
-
-/// Talks to the nodes' admin APIs.
-struct Api {
-    rt: tokio::runtime::Runtime,
-}
-
-impl Api {
-    fn new() -> Self {
-        Self {
-            rt: tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap(),
-        }
-    }
-
-    fn vms(&self, c: &Cluster, i: usize) -> Option<Vec<VmView>> {
-        let v: VmsView = self
-            .rt
-            .block_on(client::get(&c.nodes[i].node.socket, "/v1/vms"))
-            .ok()?;
-        Some(v.vms)
-    }
-
-    fn migrations(&self, c: &Cluster, i: usize) -> Option<MigrationsView> {
-        self.rt
-            .block_on(client::get(&c.nodes[i].node.socket, "/v1/migrations"))
-            .ok()
-    }
-
-    fn decisions(&self, c: &Cluster, i: usize) -> Option<DecisionsView> {
-        self.rt
-            .block_on(client::get(&c.nodes[i].node.socket, "/v1/decisions"))
-            .ok()
-    }
-
-    fn table(&self, c: &Cluster, i: usize) -> Option<TableView> {
-        self.rt
-            .block_on(client::get(&c.nodes[i].node.socket, "/v1/table"))
-            .ok()
-    }
-
-    fn create(&self, c: &Cluster, i: usize, name: &str, mib: u64, demand: f64, only: &[&str]) {
-        let req = CreateVm {
-            name: name.into(),
-            memory_mib: mib,
-            vcpus: 1,
-            demand,
-            dirty_mib_per_s: DIRTY_MIB_PER_S,
-            page_random_pct: None,
-            jurisdictions: only.iter().map(|s| s.to_string()).collect(),
-            regions: Vec::new(),
-            anti_affinity: None,
-            qemu: None,
-        };
-        let r: Result<VmView, _> = self.rt.block_on(client::post(
-            &c.nodes[i].node.socket,
-            "/v1/vms",
-            serde_json::to_vec(&req).unwrap(),
-        ));
-        if let Err(e) = r {
-            panic!("creating {name} on node {i}: {e}");
-        }
-    }
-
-    fn verify(&self, c: &Cluster, i: usize, vm: &str) -> Result<(), String> {
-        let v: VerifyView = self
-            .rt
-            .block_on(client::post(
-                &c.nodes[i].node.socket,
-                &format!("/v1/vms/{vm}/verify"),
-                Vec::new(),
-            ))
-            .map_err(|e| e.to_string())?;
-        let r = v.report;
-        if r.bad_count == 0 && r.missing == 0 {
-            Ok(())
-        } else {
-            Err(format!("{vm}: {r:?}"))
-        }
-    }
-
-    /// The VMs of every node, in node order.
-    fn placement(&self, c: &Cluster) -> Vec<Vec<VmView>> {
-        (0..c.nodes.len())
-            .map(|i| {
-                self.vms(c, i)
-                    .unwrap_or_else(|| panic!("node {i} does not answer"))
-            })
-            .collect()
-    }
-
-    /// Whether a migration is running (or resolving) anywhere.
-    fn moving(&self, c: &Cluster) -> bool {
-        (0..c.nodes.len()).any(|i| {
-            self.migrations(c, i).is_none_or(|m| {
-                m.migrations
-                    .iter()
-                    .any(|m| m.state == "running" || m.state == "resolving")
-            })
-        })
-    }
-
-    /// Committed moves, from the sources' records: `(vm, from, to)` as node indices.
-    fn moves(&self, c: &Cluster) -> Vec<(String, usize, usize)> {
-        let index = |id: &NodeId| c.nodes.iter().position(|n| &n.node.id == id);
-        let mut out = Vec::new();
-        for i in 0..c.nodes.len() {
-            let m = self.migrations(c, i).unwrap();
-            for m in m.migrations {
-                if m.role == "source" && m.state == "committed" {
-                    out.push((m.vm.clone(), i, index(&m.peer).unwrap()));
-                }
-            }
-        }
-        out
-    }
-
-    /// Every node's decisions.
-    fn all_decisions(&self, c: &Cluster) -> Vec<Vec<DecisionRecord>> {
-        (0..c.nodes.len())
-            .map(|i| {
-                self.decisions(c, i)
-                    .map(|d| d.decisions)
-                    .unwrap_or_default()
-            })
-            .collect()
-    }
-}
-
-const DIRTY_MIB_PER_S: f64 = 0.5;
-
 fn demand(vms: &[VmView]) -> u32 {
     vms.iter().map(|v| v.demand_permille).sum()
-}
-
-/// Stops every node, rewrites its `[balance]` section, starts them all again.
-fn restart_all(c: &mut Cluster, balance: &str) {
-    for n in &mut c.nodes {
-        assert!(
-            n.terminate(Duration::from_secs(20)),
-            "{} did not stop cleanly",
-            n.node.name
-        );
-        set_balance(&n.node.config, balance);
-    }
-    for n in &mut c.nodes {
-        n.start();
-    }
-    c.wait_converged(Duration::from_secs(90)).unwrap();
-}
-
-/// Every VM is on exactly one host, running, and its memory verifies page by page.
-fn all_there_and_clean(api: &Api, c: &Cluster, expected: &BTreeSet<String>) {
-    let placement = api.placement(c);
-    let mut seen = BTreeMap::<String, usize>::new();
-    for (i, vms) in placement.iter().enumerate() {
-        for v in vms {
-            assert_eq!(
-                v.state,
-                RunState::Running,
-                "{} on node {i}: {:?}",
-                v.name,
-                v.state
-            );
-            if let Some(j) = seen.insert(v.name.clone(), i) {
-                panic!("{} is on node {j} and node {i}", v.name);
-            }
-            api.verify(c, i, &v.name).unwrap();
-        }
-    }
-    let names: BTreeSet<String> = seen.keys().cloned().collect();
-    assert_eq!(&names, expected, "VMs lost or created");
 }
 
 /// The policy view of a starting placement: the roster and every host's VMs.

@@ -53,6 +53,7 @@ fn report_frame_len() -> usize {
         vm_count: 0,
         vm_demand_permille: 0,
         reserved_permille: 0,
+        standby: false,
     };
     encode_frame(&Signed::sign(&report, &key)).len()
 }

@@ -196,7 +196,11 @@ pub(crate) fn render_table(v: &TableView) -> String {
                 vec![
                     format!("{}{}", r.name, if r.me { "*" } else { "" }),
                     r.id.short(),
-                    r.state.to_string(),
+                    if r.standby == Some(true) {
+                        format!("{} standby", r.state)
+                    } else {
+                        r.state.to_string()
+                    },
                     opt(r.age_ms.map(fmt_duration_ms)),
                     opt(r.cpu.map(|c| format!("{:.0}%", c * 100.0))),
                     opt(r.mem_used_mib.zip(r.mem_total_mib).map(|(u, t)| {

@@ -290,6 +290,15 @@ pub struct BalanceSection {
     /// Seeds the random choices (target sampling, backoff jitter). Default: derived from
     /// the node id, so runs are reproducible per node.
     pub seed: Option<u64>,
+    /// Consolidate rather than only balance (`policy::consolidate`): VMs placed by their
+    /// demand forecasts, an underloaded host (under `lower_permille`) drained into fuller
+    /// hosts, then asleep (`standby`) until no active host can take a VM.
+    #[serde(default)]
+    pub consolidate: bool,
+    /// A command run when this host goes standby (with the argument `standby`) and when it
+    /// takes VMs again (`active`), e.g. to power the machine down and up; at most 30 s each.
+    #[serde(default)]
+    pub standby_hook: Option<PathBuf>,
 }
 
 impl Default for BalanceSection {
@@ -315,6 +324,8 @@ impl Default for BalanceSection {
             max_offers_per_decision: default_attempts(),
             decisions_kept: default_decisions_kept(),
             seed: None,
+            consolidate: false,
+            standby_hook: None,
         }
     }
 }

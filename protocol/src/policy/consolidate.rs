@@ -186,9 +186,9 @@ pub struct Row<H> {
 impl Row<NodeId> {
     /// The row of a peer's latest signed report. `capacity` and `core_capacity` are in the
     /// caller's CPU unit (e.g. 1000 × the peer's CPUs from the roster, so permille of one CPU).
-    /// Reports carry neither a forecast nor a draining flag yet: the forecast is the VMs'
-    /// demand plus the CPU reserved for incoming migrations, `draining` is false (a draining
-    /// host refuses at admission anyway), and `standby` means it reports no VM.
+    /// Reports carry neither a forecast nor a draining flag: the forecast is the VMs' demand
+    /// plus the CPU reserved for incoming migrations, `draining` is false (a draining host
+    /// refuses at admission anyway), and `standby` means it says so or reports no VM.
     pub fn from_report(report: &LoadReport, capacity: f64, core_capacity: f64) -> Self {
         let frac = |permille: u32| f64::from(permille) / f64::from(PERMILLE) * capacity;
         Self {
@@ -202,7 +202,7 @@ impl Row<NodeId> {
                     .saturating_add(report.reserved_permille),
             ),
             memory_free_mb: report.mem_total_mib.saturating_sub(report.mem_used_mib),
-            standby: report.vm_count == 0,
+            standby: report.standby || report.vm_count == 0,
             draining: false,
         }
     }
@@ -762,6 +762,7 @@ mod tests {
             vm_count: 2,
             vm_demand_permille: 300,
             reserved_permille: 100,
+            standby: false,
         };
         let r = Row::from_report(&report, 2000.0, 1000.0);
         assert_eq!((r.load, r.forecast, r.memory_free_mb), (600.0, 800.0, 3000));

@@ -44,7 +44,13 @@ impl Migrations {
         };
         let now = crate::clock::now();
         let load = self.host_load();
-        let verdict = {
+        let verdict = if self
+            .state
+            .draining
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            Err(RejectReason::Draining)
+        } else {
             let roster = self.state.roster();
             let mut adm = lock(&self.admission);
             adm.decide(&signed, &from, &self.state.me, &roster.roster, &load, now)
