@@ -257,6 +257,11 @@ fn baselines_never_migrate_and_npa_draws_full_power_throughout() {
     );
     assert!(dvfs.energy_kwh < npa.energy_kwh);
     assert_eq!(dvfs.slatah, 0.0);
+    // The series says the same: every host at full power at every step.
+    assert!(!npa.series.is_empty());
+    for step in &npa.series {
+        assert!((step.power_w - full).abs() < 1e-9, "{step:?}");
+    }
 }
 
 /// Moves every settled VM to the next host, every step: a planner of another shape.

@@ -440,14 +440,18 @@ pub fn run_with(
     #[allow(clippy::cast_precision_loss)]
     let limit = samples as f64 * scenario.step_s;
     let mut meter = Meter::new(scenario.hosts, n_vms);
-    if !planner.power_managed() {
+    // Without power management every host draws its full power all day, in the energy and in
+    // the series alike.
+    let always_on_w: Option<f64> = (!planner.power_managed()).then(|| {
         let full: Vec<f64> = sim
             .hosts
             .iter()
             .map(|h| scenario.host_types[h.ty].power.power(1.0))
             .collect();
+        let total = full.iter().sum();
         meter.always_on(full);
-    }
+        total
+    });
     let mut series = Vec::with_capacity(steps);
     let mut migrations = 0;
     for k in 1..=steps {
@@ -503,10 +507,12 @@ pub fn run_with(
         series.push(StepSample {
             time_s: t,
             active_hosts: hosts.iter().filter(|h| h.active()).count(),
-            power_w: hosts
-                .iter()
-                .map(|h| if h.utilization > 0.0 { h.power_w } else { 0.0 })
-                .sum(),
+            power_w: always_on_w.unwrap_or_else(|| {
+                hosts
+                    .iter()
+                    .map(|h| if h.utilization > 0.0 { h.power_w } else { 0.0 })
+                    .sum()
+            }),
             overloaded_hosts: plan.overloaded_hosts,
             migrations: started,
         });
