@@ -431,9 +431,14 @@ pub mod cluster {
 
         /// The last lines of the node's log, for failure messages.
         pub fn log_tail(&self) -> String {
+            self.log_tail_lines(15)
+        }
+
+        /// The last `n` lines of the node's log.
+        pub fn log_tail_lines(&self, n: usize) -> String {
             let text = fs::read_to_string(self.node.dir.join("drift.log")).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
-            lines[lines.len().saturating_sub(15)..].join("\n")
+            lines[lines.len().saturating_sub(n)..].join("\n")
         }
     }
 
@@ -447,6 +452,16 @@ pub mod cluster {
 
     impl Drop for Cluster {
         fn drop(&mut self) {
+            // A failing test shows what its nodes said last (their directories go with it).
+            if std::thread::panicking() {
+                for n in &self.nodes {
+                    eprintln!(
+                        "--- {}: the end of drift.log ---\n{}",
+                        n.node.name,
+                        n.log_tail_lines(60)
+                    );
+                }
+            }
             for n in &mut self.nodes {
                 n.kill9();
                 // QEMU VMs run daemonized and outlive their node, as they should; a test's

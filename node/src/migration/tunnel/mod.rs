@@ -169,6 +169,11 @@ where
         }
         hasher.update(&buf[..filled]);
         to.write_all(&buf[..filled]).await?;
+        // Flushed before waiting for more: a TLS stream takes the bytes and may keep their
+        // records when the socket is full, to send with the next write. QEMU waits for an
+        // answer after its last bytes (post-copy's end, for one): kept back, they would
+        // never leave, and both QEMUs would wait for ever.
+        to.flush().await?;
         bytes += filled as u64;
         moved.fetch_add(filled as u64, std::sync::atomic::Ordering::Relaxed);
     }

@@ -54,7 +54,8 @@ where
             match ar.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if bw.write_all(&buf[..n]).await.is_err() {
+                    // Flushed at once: see `pump_hashed`.
+                    if bw.write_all(&buf[..n]).await.is_err() || bw.flush().await.is_err() {
                         break;
                     }
                     channels.moved.fetch_add(n as u64, Ordering::Relaxed);
