@@ -413,6 +413,28 @@ impl<H: Copy + PartialEq> Table<'_, H> {
         self.reserved[i] += f;
         self.reserved_mb[i] += mem;
     }
+
+    /// [`Table::pick`] for `vm` (whose forecast is `f`), then reserves it there: the offer.
+    fn place<V: Copy>(
+        &mut self,
+        p: &Params,
+        vm: &LocalVm<V>,
+        f: f64,
+        eligible: impl Fn(&Row<H>) -> bool,
+        wake: bool,
+        rng: &mut impl RngCore,
+    ) -> Option<Offer<H, V>> {
+        let (target, woke) = self.pick(p, (f, vm.now(), vm.memory_mb), eligible, wake, rng)?;
+        self.take(target, f, vm.memory_mb);
+        Some(Offer {
+            vm: vm.id,
+            to: self.rows[target].id,
+            forecast: f,
+            demand: vm.now(),
+            memory_mb: vm.memory_mb,
+            wake: woke,
+        })
+    }
 }
 
 /// One host's decision at `now_s`: relieve, drain or stay. `table` holds the other hosts'
@@ -438,26 +460,17 @@ pub fn plan<H: Copy + PartialEq, V: Copy>(
     if !starved.is_empty() {
         let mut offers = Vec::new();
         for i in starved {
-            let vm = movable[i];
-            let fit = (forecasts[i], vm.now(), vm.memory_mb);
-            if let Some((target, woke)) = t.pick(p, fit, |r| not_me(r) && !r.draining, true, rng) {
-                t.take(target, forecasts[i], vm.memory_mb);
-                offers.push(Offer {
-                    vm: vm.id,
-                    to: table[target].id,
-                    forecast: forecasts[i],
-                    demand: vm.now(),
-                    memory_mb: vm.memory_mb,
-                    wake: woke,
-                });
-            }
+            let eligible = |r: &Row<H>| not_me(r) && !r.draining;
+            offers.extend(t.place(p, movable[i], forecasts[i], eligible, true, rng));
         }
         return Action::Relieve(offers);
     }
+    // Every VM's forecast, those already migrating included: the host's own.
+    let own_forecast: f64 = own.vms.iter().map(|v| forecast(&v.demand, p)).sum();
     let (over, long) = overloaded(p, own.load_history);
     if over {
         let ignore_cooldown = long >= p.long_overload;
-        let mut total: f64 = own.vms.iter().map(|v| forecast(&v.demand, p)).sum();
+        let mut total = own_forecast;
         let mut left: Vec<usize> = (0..movable.len())
             .filter(|&i| ignore_cooldown || !movable[i].on_cooldown(now_s, p.cooldown_s))
             .collect();
@@ -483,31 +496,16 @@ pub fn plan<H: Copy + PartialEq, V: Copy>(
             });
             let Some(i) = pick else { break };
             left.retain(|&j| j != i);
-            let vm = movable[i];
-            if let Some((target, woke)) = t.pick(
-                p,
-                (forecasts[i], vm.now(), vm.memory_mb),
-                |r| not_me(r) && !r.draining,
-                true,
-                rng,
-            ) {
-                t.take(target, forecasts[i], vm.memory_mb);
+            let eligible = |r: &Row<H>| not_me(r) && !r.draining;
+            if let Some(offer) = t.place(p, movable[i], forecasts[i], eligible, true, rng) {
                 total -= forecasts[i];
-                offers.push(Offer {
-                    vm: vm.id,
-                    to: table[target].id,
-                    forecast: forecasts[i],
-                    demand: vm.now(),
-                    memory_mb: vm.memory_mb,
-                    wake: woke,
-                });
+                offers.push(offer);
             }
         }
         return Action::Relieve(offers);
     }
 
-    let total: f64 = own.vms.iter().map(|v| forecast(&v.demand, p)).sum();
-    let u = total / own.capacity;
+    let u = own_forecast / own.capacity;
     let quiet = own.load_history.len() >= p.underload_k
         && own
             .load_history
@@ -536,26 +534,11 @@ pub fn plan<H: Copy + PartialEq, V: Copy>(
     order.sort_by(|&a, &b| forecasts[b].total_cmp(&forecasts[a]).then(a.cmp(&b)));
     let mut offers = Vec::with_capacity(order.len());
     for i in order {
-        let vm = movable[i];
-        let target = t.pick(
-            p,
-            (forecasts[i], vm.now(), vm.memory_mb),
-            |r| not_me(r) && !r.draining && r.load / r.capacity > own_load,
-            false,
-            rng,
-        );
-        let Some((target, _)) = target else {
+        let fuller = |r: &Row<H>| not_me(r) && !r.draining && r.load / r.capacity > own_load;
+        let Some(offer) = t.place(p, movable[i], forecasts[i], fuller, false, rng) else {
             return Action::Stay;
         };
-        t.take(target, forecasts[i], vm.memory_mb);
-        offers.push(Offer {
-            vm: vm.id,
-            to: table[target].id,
-            forecast: forecasts[i],
-            demand: vm.now(),
-            memory_mb: vm.memory_mb,
-            wake: false,
-        });
+        offers.push(offer);
     }
     Action::Drain(offers)
 }
