@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{Action, Autopilot, InFlight, Sent, MAX_SENT};
+use crate::hypervisor::VmSpec;
 use crate::migration::service::MigrateError;
 use crate::table::Liveness;
 
@@ -103,9 +104,9 @@ impl Autopilot {
         }
     }
 
-    /// Standby when empty, active again once a VM arrived; the hook runs on each change.
-    fn settle_standby(&mut self) -> bool {
-        let held = self.state.vms.specs().len();
+    /// Standby when empty (`held` VMs here), active again once a VM arrived; the hook runs on
+    /// each change.
+    fn settle_standby(&mut self, held: usize) -> bool {
         let standby = self.state.standby.load(Ordering::Relaxed);
         if held == 0 && !standby {
             self.state.draining.store(false, Ordering::Relaxed);
@@ -127,14 +128,12 @@ impl Autopilot {
         tokio::spawn(run_hook(hook, what));
     }
 
-    /// This host's VMs as consolidation sees them.
-    fn local(&self) -> Vec<LocalVm<VmId>> {
+    /// This host's VMs (`specs`) as consolidation sees them.
+    fn local(&self, specs: &[VmSpec]) -> Vec<LocalVm<VmId>> {
         let outgoing = self.migrations.outgoing();
         let last = self.migrations.last_moves();
-        self.state
-            .vms
-            .specs()
-            .into_iter()
+        specs
+            .iter()
             .filter(|s| !s.incoming)
             .map(|s| LocalVm {
                 id: s.id,
@@ -186,16 +185,18 @@ impl Autopilot {
         now: Timestamp,
         assessment: Assessment,
     ) {
-        if self.settle_standby() {
+        let specs = self.state.vms.specs();
+        if self.settle_standby(specs.len()) {
             return;
         }
-        let vms = self.local();
+        let vms = self.local(&specs);
         let load: Vec<f64> = self.histories.load.iter().copied().collect();
         let draining = self.state.draining.load(Ordering::Relaxed);
+        let capacity = self.capacity_of(&self.state.me);
         let own = OwnHost {
             id: self.state.me,
-            capacity: self.capacity_of(&self.state.me),
-            core_capacity: self.capacity_of(&self.state.me),
+            capacity,
+            core_capacity: capacity,
             load_history: &load,
             vms: &vms,
             draining,
@@ -224,13 +225,10 @@ impl Autopilot {
         let Some(offer) = offers.first() else {
             return;
         };
-        let name = self
-            .state
-            .vms
-            .specs()
-            .into_iter()
+        let name = specs
+            .iter()
             .find(|s| s.id == offer.vm)
-            .map_or_else(|| offer.vm.to_string(), |s| s.name);
+            .map_or_else(|| offer.vm.to_string(), |s| s.name.clone());
         let why =
             format!(
             "consolidate: {} {name} (forecast {:.0}, memory {} MiB) to {} ({} hosts in the table)",
