@@ -24,6 +24,20 @@ pub fn set_balance(config: &Path, settings: &str) {
     std::fs::write(config, format!("{}\n[balance]\n{settings}", &text[..end])).unwrap();
 }
 
+/// A cluster of `n` nodes started with balancing off (so a test builds its starting state
+/// first), converged within `converge`.
+pub fn start_unbalanced(n: usize, report_interval: Duration, converge: Duration) -> Cluster {
+    let mut c = Cluster::generate(n, report_interval);
+    for node in &c.nodes {
+        set_balance(&node.node.config, "enabled = false\n");
+    }
+    for node in &mut c.nodes {
+        node.start();
+    }
+    c.wait_converged(converge).unwrap();
+    c
+}
+
 /// Talks to the nodes' admin APIs.
 #[derive(Debug)]
 pub struct Api {

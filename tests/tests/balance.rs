@@ -39,7 +39,7 @@ use drift_protocol::policy::{
     self, ClusterHost, HostedVm, MoveLimits, Outcome, PolicyConfig, SimConfig, SimMode,
 };
 use drift_protocol::{MigrationId, NodeId, SecretKey, Signed, VmId};
-use drift_tests::api::{all_there_and_clean, restart_all, set_balance, Api, DIRTY_MIB_PER_S};
+use drift_tests::api::{all_there_and_clean, restart_all, start_unbalanced, Api, DIRTY_MIB_PER_S};
 use drift_tests::{drift, drift_ok, wait_until, Cluster};
 use rand_core::{OsRng, RngCore};
 use tokio_util::compat::FuturesAsyncReadCompatExt;
@@ -109,14 +109,7 @@ fn a_skewed_testnet_balances_itself_with_few_moves_and_no_ping_pong() {
     const PER_NODE: usize = 4;
     const SKEW: f64 = 0.5;
     let interval = Duration::from_millis(300);
-    let mut c = Cluster::generate(NODES, interval);
-    for n in &c.nodes {
-        set_balance(&n.node.config, "enabled = false\n");
-    }
-    for n in &mut c.nodes {
-        n.start();
-    }
-    c.wait_converged(Duration::from_secs(60)).unwrap();
+    let mut c = start_unbalanced(NODES, interval, Duration::from_secs(60));
     let api = Api::new();
     // The placement of `drift testnet --nodes 6 --vms-per-node 4 --skew 0.5`.
     let plan = drift_node::testnet::plan_vms(NODES, PER_NODE, SKEW);
@@ -249,14 +242,7 @@ fn a_herd_of_ten_overloaded_hosts_does_not_overload_the_one_idle_host() {
     const HOSTS: usize = 11;
     let idle = HOSTS - 1;
     let interval = Duration::from_millis(500);
-    let mut c = Cluster::generate(HOSTS, interval);
-    for n in &c.nodes {
-        set_balance(&n.node.config, "enabled = false\n");
-    }
-    for n in &mut c.nodes {
-        n.start();
-    }
-    c.wait_converged(Duration::from_secs(90)).unwrap();
+    let mut c = start_unbalanced(HOSTS, interval, Duration::from_secs(90));
     let api = Api::new();
     // Ten hosts at 900‰: each would shed its small VM (300‰, quickest to move) to the only
     // host with room, which can take two of them.
@@ -366,14 +352,7 @@ fn a_herd_of_ten_overloaded_hosts_does_not_overload_the_one_idle_host() {
 fn a_vm_pinned_to_a_jurisdiction_is_never_offered_outside_it() {
     let _serial = serial();
     // Testnet labels: node-1 is in jurisdiction fr, node-2 in de.
-    let mut c = Cluster::generate(2, Duration::from_millis(300));
-    for n in &c.nodes {
-        set_balance(&n.node.config, "enabled = false\n");
-    }
-    for n in &mut c.nodes {
-        n.start();
-    }
-    c.wait_converged(Duration::from_secs(60)).unwrap();
+    let mut c = start_unbalanced(2, Duration::from_millis(300), Duration::from_secs(60));
     let api = Api::new();
     // node-1 at 1150‰: four fr-only VMs (1000‰) and one that may go anywhere.
     let mut names = BTreeSet::new();

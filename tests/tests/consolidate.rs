@@ -9,7 +9,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use drift_tests::api::{all_there_and_clean, restart_all, set_balance, Api};
+use drift_tests::api::{all_there_and_clean, restart_all, start_unbalanced, Api};
 use drift_tests::{wait_until, Cluster};
 
 /// Node 0 and node 1 hold 0.55 of their capacity each, node 2 holds 0.1: under `lower`
@@ -38,14 +38,7 @@ fn shows_standby(api: &Api, c: &Cluster, of: usize, who: usize) -> Option<bool> 
 
 #[test]
 fn an_underloaded_host_drains_sleeps_and_wakes_when_load_arrives() {
-    let mut c = Cluster::generate(3, Duration::from_millis(300));
-    for n in &c.nodes {
-        set_balance(&n.node.config, "enabled = false\n");
-    }
-    for n in &mut c.nodes {
-        n.start();
-    }
-    c.wait_converged(Duration::from_secs(60)).unwrap();
+    let mut c = start_unbalanced(3, Duration::from_millis(300), Duration::from_secs(60));
     let api = Api::new();
     let mut names = BTreeSet::new();
     for (i, vms) in START.iter().enumerate() {

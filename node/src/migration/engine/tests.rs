@@ -73,18 +73,22 @@ enum Tamper {
 /// or over `conns` numbered connections; `tamper` may rewrite what the target receives on
 /// the pipe.
 async fn migrate(mode: Mode, dirty: u64, tamper: Option<Tamper>, conns: usize) -> Run {
-    let mut limits = Limits {
+    migrate_with(params(mode), dirty, tamper, conns, None).await
+}
+
+/// The source's parameters of [`migrate`]: small VMs on an in-memory pipe converge at once; a
+/// stuck one switches over (as it did before convergence control) so every such test ends in
+/// a move.
+fn params(mode: Mode) -> SourceParams {
+    let limits = Limits {
         max_rounds: 8,
+        max_downtime_ms: 10_000,
         ..Limits::default()
     };
-    // Small VMs on an in-memory pipe converge at once; a stuck one switches over (as it
-    // did before convergence control) so every test here ends in a move.
-    limits.max_downtime_ms = 10_000;
-    let params = SourceParams {
+    SourceParams {
         commit_timeout: Duration::from_secs(10),
         ..SourceParams::new(mode, limits)
-    };
-    migrate_with(params, dirty, tamper, conns, None).await
+    }
 }
 
 /// [`migrate`] with the source's parameters given; with `fill`, every page of the source
@@ -284,15 +288,9 @@ async fn packed_pages_move_fewer_bytes_and_the_vm_verifies() {
     for (mode, conns) in [(Mode::PreCopy, 0), (Mode::PreCopy, 2), (Mode::PostCopy, 2)] {
         let mut sent = Vec::new();
         for compress in [false, true] {
-            let mut limits = Limits {
-                max_rounds: 8,
-                ..Limits::default()
-            };
-            limits.max_downtime_ms = 10_000;
             let params = SourceParams {
-                commit_timeout: Duration::from_secs(10),
                 compress,
-                ..SourceParams::new(mode, limits)
+                ..params(mode)
             };
             let r = migrate_with(params, 2_000, None, conns, Some(25)).await;
             let SourceOutcome::Committed { progress, .. } = &r.source else {
