@@ -89,6 +89,10 @@ pub enum TunnelControl {
     Commit(Signed<Commit>),
     /// Either side: the migration ends here; before switchover the VM stays on the source.
     Abort(Abort),
+    /// Target, post-copy: its QEMU loaded the device state and the guest runs there. Before
+    /// this a broken channel fails the target's QEMU (it cannot pause for a recovery while it
+    /// still loads the device state); from this on QEMU pauses and drift recovers the link.
+    Running,
 }
 
 /// What one side forwarded on one channel, source to target.

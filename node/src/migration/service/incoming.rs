@@ -304,6 +304,7 @@ impl Migrations {
                     }
                     Some(Phase::RunningPostCopy) => {
                         let reason = format!("post-copy failed: {e}");
+                        error!(vm = %offer.vm.name, %reason, "incoming post-copy ended without every page");
                         let _ = self.advance(&id, Phase::Incomplete, &reason);
                         self.state.audit(AuditEvent::Abort {
                             id,

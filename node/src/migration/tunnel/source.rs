@@ -145,8 +145,8 @@ where
     outcome
 }
 
-/// Tunnel bytes that cross after the switchover before the source counts the post-copy as
-/// pushing pages ([`Point::Pushing`]): the device state and the first pages the guest asked for.
+/// Tunnel bytes that cross after the target said its guest runs ([`TunnelControl::Running`])
+/// before the source counts the post-copy as pushing pages ([`Point::Pushing`]).
 const PUSHING_AFTER: u64 = 1 << 20;
 
 /// Waits (at most `limit`) until the tunnel carried its first bytes to the target.
@@ -218,7 +218,9 @@ where
     let mut switched = false;
     let mut handed_over = false;
     let mut pushing = false;
-    // Tunnel bytes when post-copy was first seen.
+    // The target said its guest runs (post-copy): a break from here on is recoverable.
+    let mut target_runs = false;
+    // Tunnel bytes when the target's guest was first known to run.
     let mut switched_at: Option<u64> = None;
     let mut rounds_seen = 0u64;
     // Post-copy recovery: the attempts so far and the channel that carries it on.
@@ -237,6 +239,10 @@ where
             }
             frame = inbox.recv(), if !control_lost => {
                 let reason = match frame {
+                    Some(TunnelControl::Running) if handed_over => {
+                        target_runs = true;
+                        continue;
+                    }
                     Some(TunnelControl::Abort(a)) => format!("the target aborted: {:?}", a.reason),
                     Some(other) => format!("unexpected control frame {other:?}"),
                     // In post-copy the guest is the target's: QEMU's own state says whether
@@ -350,9 +356,9 @@ where
                 .await
                 .map_err(vmm)?;
             }
-            // The guest runs on the target from here; pages are being pushed once bytes
-            // crossed since the switchover (the device state went first).
-            "postcopy-active" if handed_over && !pushing => {
+            // Pages are being pushed once the target said its guest runs (its QEMU loaded the
+            // device state) and bytes crossed since.
+            "postcopy-active" if handed_over && target_runs && !pushing => {
                 let moved = channels.moved.load(std::sync::atomic::Ordering::Relaxed);
                 let at = *switched_at.get_or_insert(moved);
                 if moved >= at + PUSHING_AFTER {

@@ -166,6 +166,10 @@ where
     // QEMU's last MIGRATION event, and whether its main loop stopped answering.
     let mut event_status: Option<String> = None;
     let mut blocked = false;
+    // Post-copy: whether QEMU resumed the guest (its `RESUME` event: the device state is
+    // loaded and a broken channel now pauses QEMU), and whether the source was told.
+    let mut resumed = false;
+    let mut told_running = false;
     let complete = loop {
         let ended = |running: bool, reason: String| {
             if running {
@@ -187,6 +191,9 @@ where
             event = events.recv() => {
                 if blocked && matches!(event, Err(broadcast::error::RecvError::Closed)) {
                     return ended(running, "QEMU's monitor closed".into());
+                }
+                if matches!(&event, Ok(e) if e.name == "RESUME") {
+                    resumed = true;
                 }
                 if let Some(status) = migration_status(event) {
                     // A state change: the main loop may answer again.
@@ -274,6 +281,11 @@ where
         }
         if running {
             guard.vm_runs_here();
+            if resumed && !told_running && control_lost.is_none() {
+                told_running = true;
+                // Best effort: a control stream that broke shows in the next read.
+                let _ = write_typed(wr, &TunnelControl::Running).await;
+            }
         }
         let now = started.elapsed().as_millis() as u64;
         guard.on_total(
