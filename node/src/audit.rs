@@ -34,14 +34,14 @@ pub const HEAD_FILE: &str = "audit.head";
 /// What went wrong with an audit log.
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
-    #[error("audit log {path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
-    #[error("audit log {path}: record {index} (at byte {offset}) does not decode: {source}")]
+    #[error("audit log {path}: {cause}")]
+    Io { path: PathBuf, cause: io::Error },
+    #[error("audit log {path}: record {index} (at byte {offset}) does not decode: {cause}")]
     Undecodable {
         path: PathBuf,
         index: u64,
         offset: u64,
-        source: DecodeError,
+        cause: DecodeError,
     },
     #[error("audit log {path}: ends in the middle of record {index} (at byte {offset})")]
     PartialTail {
@@ -49,8 +49,8 @@ pub enum AuditError {
         index: u64,
         offset: u64,
     },
-    #[error("audit log {path}: {source}")]
-    Chain { path: PathBuf, source: ChainError },
+    #[error("audit log {path}: {cause}")]
+    Chain { path: PathBuf, cause: ChainError },
     #[error("audit head {path} is not valid")]
     BadHead { path: PathBuf },
 }
@@ -76,7 +76,7 @@ pub struct Contents {
 pub fn read_log(path: &Path) -> Result<Contents, AuditError> {
     let io_err = |source| AuditError::Io {
         path: path.to_owned(),
-        source,
+        cause: source,
     };
     let mut bytes = Vec::new();
     match File::open(path) {
@@ -107,7 +107,7 @@ pub fn read_log(path: &Path) -> Result<Contents, AuditError> {
                     path: path.to_owned(),
                     index: records.len() as u64,
                     offset: offset as u64,
-                    source,
+                    cause: source,
                 })
             }
         }
@@ -134,7 +134,7 @@ pub fn read_head(path: &Path) -> Result<Option<Anchor>, AuditError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(AuditError::Io {
             path: path.to_owned(),
-            source,
+            cause: source,
         }),
     }
 }
@@ -157,7 +157,7 @@ pub fn verify_file(
     }
     verify_chain(&contents.records, node, anchor).map_err(|source| AuditError::Chain {
         path: path.to_owned(),
-        source,
+        cause: source,
     })
 }
 
@@ -181,7 +181,7 @@ impl AuditLog {
         let head_path = dir.join(HEAD_FILE);
         let io_err = |source| AuditError::Io {
             path: path.clone(),
-            source,
+            cause: source,
         };
         let contents = read_log(&path)?;
         let mut file = OpenOptions::new()
@@ -204,7 +204,7 @@ impl AuditLog {
         let summary = verify_chain(&contents.records, &key.public(), anchor).map_err(|source| {
             AuditError::Chain {
                 path: path.clone(),
-                source,
+                cause: source,
             }
         })?;
         file.seek(SeekFrom::Start(contents.valid_len))
@@ -226,7 +226,7 @@ impl AuditLog {
         let frame = encode_frame(&signed);
         let io_err = |source| AuditError::Io {
             path: self.path.clone(),
-            source,
+            cause: source,
         };
         let written = self
             .file
@@ -248,7 +248,7 @@ impl AuditLog {
         write_atomic(&self.head_path, &head, 0o600, Overwrite::Replace).map_err(|source| {
             AuditError::Io {
                 path: self.head_path.clone(),
-                source,
+                cause: source,
             }
         })?;
         Ok(anchor)
@@ -297,7 +297,7 @@ mod tests {
         let anchor = read_head(&dir.join(HEAD_FILE)).unwrap();
         match verify_file(&dir.join(LOG_FILE), &key.public(), anchor) {
             Ok(_) => None,
-            Err(AuditError::Chain { source, .. }) => Some(source.index),
+            Err(AuditError::Chain { cause: source, .. }) => Some(source.index),
             Err(AuditError::Undecodable { index, .. }) => Some(index),
             Err(AuditError::PartialTail { index, .. }) => Some(index),
             Err(e) => panic!("unexpected {e}"),
@@ -354,7 +354,7 @@ mod tests {
         )
         .unwrap_err();
         assert!(
-            matches!(&err, AuditError::Chain { source, .. }
+            matches!(&err, AuditError::Chain { cause: source, .. }
                 if source.kind == ChainErrorKind::Truncated { len: 4, anchor_seq: 5 }),
             "{err}"
         );

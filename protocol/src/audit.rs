@@ -129,7 +129,7 @@ pub enum ChainErrorKind {
     Seq { expected: u64, got: u64 },
     #[error("link to the previous record does not match (a record was altered, deleted or moved)")]
     Link,
-    #[error("log ends at {len} records, but its anchor says {anchor_seq} was written (truncated)")]
+    #[error("the log holds {len} records, but its anchor says {} were written (truncated)", .anchor_seq + 1)]
     Truncated { len: u64, anchor_seq: u64 },
     #[error("record {anchor_seq} differs from the anchor")]
     AnchorMismatch { anchor_seq: u64 },
