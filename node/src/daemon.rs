@@ -326,6 +326,30 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         }
         .instrument(span.clone()),
     );
+    if let Some(addr) = config.control.metrics_listen {
+        let served = crate::control::server::serve_metrics(
+            addr,
+            state.clone(),
+            client.clone(),
+            cancel.clone(),
+        )
+        .await;
+        match served {
+            Ok(task) => {
+                tasks.spawn(
+                    async move {
+                        let _ = task.await;
+                    }
+                    .instrument(span.clone()),
+                );
+            }
+            Err(e) => {
+                cancel.cancel();
+                while tasks.join_next().await.is_some() {}
+                return Err(e.into());
+            }
+        }
+    }
     info!(
         name = name.as_deref().unwrap_or("-"),
         node = %me,

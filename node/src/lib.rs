@@ -12,6 +12,7 @@
 //!   each bound to one accepted offer before a byte of the VM crosses it.
 //! - [`durable`]: atomic, durable file writes (temp file, fsync, rename, fsync directory), so a
 //!   crash never leaves a half-written key, roster or state file.
+//! - [`metrics`]: the Prometheus series `GET /metrics` serves.
 
 pub mod admission;
 pub mod audit;
@@ -27,6 +28,7 @@ pub mod durable;
 pub mod hypervisor;
 pub mod identity;
 pub mod mesh;
+pub mod metrics;
 pub mod migration;
 pub mod monitor;
 pub mod move_plan;

@@ -86,6 +86,11 @@ pub struct NodeState {
     table: Mutex<Table>,
     audit: Mutex<AuditLog>,
     pub counters: Counters,
+    /// Event counters for `GET /metrics`.
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+    /// Peers' clocks against this host's, from their reports; and what they say of it.
+    pub skew: Mutex<drift_protocol::skew::SkewEstimate>,
+    pub clock_off: Mutex<Option<drift_protocol::skew::OwnClockOff>>,
     /// The node's VMs.
     pub vms: crate::hypervisor::Vms,
     /// Consolidation: this host is draining its VMs away and refuses offers meanwhile.
@@ -118,6 +123,9 @@ impl NodeState {
             table: Mutex::new(table),
             audit: Mutex::new(audit),
             counters: Counters::default(),
+            metrics: Default::default(),
+            skew: Default::default(),
+            clock_off: Default::default(),
             vms,
             draining: Default::default(),
             standby: Default::default(),
@@ -141,6 +149,11 @@ impl NodeState {
         if let Err(e) = log.append(event) {
             tracing::error!(error = %e, "could not write the audit log");
         }
+    }
+
+    /// The newest audit record's `(seq, hash)`, if any.
+    pub fn audit_head(&self) -> Option<drift_protocol::audit::Anchor> {
+        self.audit.lock().unwrap_or_else(|p| p.into_inner()).head()
     }
 
     /// The path of the audit log.

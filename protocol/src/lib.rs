@@ -52,6 +52,7 @@ pub mod policy;
 pub mod report;
 pub mod roster;
 pub mod signed;
+pub mod skew;
 pub mod time;
 pub mod transfer;
 pub mod tunnel;

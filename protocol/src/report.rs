@@ -97,10 +97,12 @@ pub enum Rejection {
     SignerNotSubject { signer: NodeId, subject: NodeId },
     #[error("seq {got} is not newer than {newest}")]
     Stale { newest: u64, got: u64 },
+    /// `node` signed it (verified): its clock, or this host's, is off.
     #[error("issued {age_ms} ms ago")]
-    TooOld { age_ms: u64 },
+    TooOld { node: NodeId, age_ms: u64 },
+    /// `node` signed it (verified): its clock, or this host's, is off.
     #[error("issued {ahead_ms} ms in the future")]
-    FromFuture { ahead_ms: u64 },
+    FromFuture { node: NodeId, ahead_ms: u64 },
     #[error("{field} is out of range")]
     OutOfRange { field: &'static str },
 }
@@ -232,12 +234,18 @@ pub fn validate(
     if report.issued_at > ctx.now {
         let ahead_ms = report.issued_at.millis_since(ctx.now);
         if ahead_ms > ctx.freshness.max_skew_ms {
-            return Err(Rejection::FromFuture { ahead_ms });
+            return Err(Rejection::FromFuture {
+                node: signer,
+                ahead_ms,
+            });
         }
     }
     let age_ms = ctx.now.millis_since(report.issued_at);
     if age_ms > ctx.freshness.max_age_ms {
-        return Err(Rejection::TooOld { age_ms });
+        return Err(Rejection::TooOld {
+            node: signer,
+            age_ms,
+        });
     }
     if let Some(newest) = newest_seq(&signer) {
         if report.seq <= newest {
@@ -363,12 +371,18 @@ mod tests {
         let old = encode_frame(&Signed::sign(&report(me, 6, 10_000), &f.host));
         assert_eq!(
             check(&f, &old, None),
-            Err(Rejection::TooOld { age_ms: 90_000 })
+            Err(Rejection::TooOld {
+                node: me,
+                age_ms: 90_000
+            })
         );
         let future = encode_frame(&Signed::sign(&report(me, 6, 200_000), &f.host));
         assert_eq!(
             check(&f, &future, None),
-            Err(Rejection::FromFuture { ahead_ms: 100_000 })
+            Err(Rejection::FromFuture {
+                node: me,
+                ahead_ms: 100_000
+            })
         );
         let mut hot = report(me, 6, 99_000);
         hot.cpu_permille = 1001;

@@ -1514,12 +1514,12 @@ proptest! {
             Fault::TooOld(extra) => {
                 let age_ms = freshness.max_age_ms + extra;
                 report.issued_at = Timestamp(now.0 - age_ms);
-                expected = Err(Rejection::TooOld { age_ms });
+                expected = Err(Rejection::TooOld { node: host, age_ms });
             }
             Fault::FromFuture(extra) => {
                 let ahead_ms = freshness.max_skew_ms + extra;
                 report.issued_at = now.plus_millis(ahead_ms);
-                expected = Err(Rejection::FromFuture { ahead_ms });
+                expected = Err(Rejection::FromFuture { node: host, ahead_ms });
             }
             Fault::Range(which, v) => {
                 let field = break_range(&mut report, which, v);

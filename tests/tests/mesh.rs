@@ -156,3 +156,51 @@ fn cli_reads_a_running_node_and_explains_a_missing_one() {
         .success());
     assert!(drift(&["status", "--socket", &sock]).status.success());
 }
+
+/// A host whose clock runs ten minutes ahead refuses every peer's report as too old and is
+/// refused by all: it says in its log and in `drift status` that its own clock is wrong and by
+/// how much, while the hosts with good clocks (one bad peer among two) blame no one's clock.
+#[test]
+fn a_host_whose_clock_is_ten_minutes_ahead_says_so() {
+    let mut c = Cluster::generate(3, INTERVAL);
+    c.nodes[0].start_with_env(&[(drift_node::clock::SKEW_ENV, "600000")]);
+    c.nodes[1].start();
+    c.nodes[2].start();
+    c.wait_converged_subset(&[1, 2], 2, Duration::from_secs(60))
+        .unwrap();
+    let off = wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
+        // Judged every few seconds: once both peers were heard.
+        c.status(0)
+            .and_then(|s| s.clock_off)
+            .filter(|o| o.heard == 2)
+    })
+    .expect("the skewed host never said its clock is off");
+    assert!(
+        (590_000..=610_000).contains(&off.ahead_ms),
+        "ahead by {} ms",
+        off.ahead_ms
+    );
+    assert_eq!((off.disagreeing, off.heard), (2, 2));
+    let status = drift(&[
+        "status",
+        "--socket",
+        c.nodes[0].node.socket.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains("clock is probably wrong") && text.contains("ahead of 2 of the 2 peers"),
+        "{text}"
+    );
+    let log = std::fs::read_to_string(c.nodes[0].node.dir.join("drift.log")).unwrap();
+    assert!(log.contains("clock is probably wrong"), "not in the log");
+    for i in [1, 2] {
+        let s = c.status(i).unwrap();
+        assert_eq!(
+            s.clock_off,
+            None,
+            "node-{} blames its own good clock",
+            i + 1
+        );
+        assert!(s.reports_rejected["too_old"] + s.reports_rejected["from_future"] > 0);
+    }
+}

@@ -156,6 +156,19 @@ pub(crate) fn status(args: ReadArgs) -> anyhow::Result<ExitCode> {
     if s.insecure_open {
         println!("WARNING     insecure_open: this node accepts connections from any peer");
     }
+    if let Some(off) = &s.clock_off {
+        println!("WARNING     {}", off.describe());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `drift metrics`: what `GET /metrics` serves, as Prometheus would scrape it.
+pub(crate) fn metrics(args: Target) -> anyhow::Result<ExitCode> {
+    let socket = args.socket()?;
+    print!(
+        "{}",
+        runtime()?.block_on(client::get_text(&socket, "/metrics"))?
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -11,6 +11,7 @@ mod decisions;
 mod keys;
 mod migrate;
 mod roster;
+mod shell;
 mod sim;
 mod table;
 mod vm;
@@ -46,6 +47,8 @@ pub enum Command {
     Status(daemon::ReadArgs),
     /// List the daemon's connected peers.
     Peers(daemon::ReadArgs),
+    /// Print the daemon's Prometheus metrics (what `GET /metrics` on its socket serves).
+    Metrics(daemon::Target),
     /// Show the peer load table: one row per roster host.
     Table(daemon::TableArgs),
     /// Run a whole cluster on this machine.
@@ -73,6 +76,10 @@ pub enum Command {
     /// Replay a PlanetLab day on the placement benchmark's 800-host data center, once per
     /// policy: energy, SLA violations and migrations side by side.
     Sim(sim::SimArgs),
+    /// Print a shell completion script: `drift completions bash > /etc/bash_completion.d/drift`.
+    Completions(shell::CompletionsArgs),
+    /// Write the man pages (`drift.1` to stdout, or every page with `--out DIR`).
+    Man(shell::ManArgs),
 }
 
 /// Logs go to stderr, so command output on stdout stays scriptable.
@@ -98,6 +105,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(args) => daemon::run(args),
         Command::Status(args) => daemon::status(args),
         Command::Peers(args) => daemon::peers(args),
+        Command::Metrics(args) => daemon::metrics(args),
         Command::Table(args) => daemon::table(args),
         Command::Testnet(args) => crate::testnet::run(args),
         Command::Bench(cmd) => bench::run(cmd),
@@ -109,6 +117,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Decisions(args) => decisions::decisions(args),
         Command::Vm(cmd) => vm::run(cmd),
         Command::Vmm(args) => vm::vmm(args),
+        Command::Completions(args) => shell::completions(args),
+        Command::Man(args) => shell::man(args),
     }
 }
 

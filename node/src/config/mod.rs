@@ -114,6 +114,10 @@ pub struct ControlSection {
     /// The Unix socket of the admin API (created mode 0600: who can open it is the access
     /// control). Default: `<state_dir>/drift.sock`.
     pub socket: Option<PathBuf>,
+    /// Also serve `GET /metrics` (and nothing else) on this TCP address, e.g.
+    /// `"127.0.0.1:9477"`. Off by default; the admin socket always serves it.
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Where the host's load comes from.

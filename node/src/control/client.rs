@@ -105,3 +105,16 @@ pub async fn post<T: DeserializeOwned>(
 ) -> Result<T, ClientError> {
     request(socket, hyper::Method::POST, path, bytes).await
 }
+
+/// `GET path`, the body as text (e.g. `/metrics`).
+pub async fn get_text(socket: &Path, path: &str) -> Result<String, ClientError> {
+    let req = Request::builder()
+        .method(hyper::Method::GET)
+        .uri(path)
+        .header("host", "drift")
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| ClientError::Http(e.to_string()))?;
+    let (status, body) = call(socket, req).await?;
+    check(status, &body)?;
+    String::from_utf8(body.to_vec()).map_err(|e| ClientError::Http(e.to_string()))
+}

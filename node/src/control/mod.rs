@@ -58,6 +58,9 @@ pub struct StatusView {
     /// Incoming migrations: slots in use, reservations, backed-off sources.
     #[serde(default)]
     pub admission: crate::admission::AdmissionView,
+    /// Set when most peers' reports say this host's clock is off, and by how much.
+    #[serde(default)]
+    pub clock_off: Option<drift_protocol::skew::OwnClockOff>,
     /// Incoming migration streams being served (negotiating or transferring).
     #[serde(default)]
     pub incoming_streams: usize,

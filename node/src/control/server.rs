@@ -56,6 +56,11 @@ pub enum ServeError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot listen for metrics on {addr} ([control] metrics_listen): {source}")]
+    MetricsBind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Binds the socket (mode 0600; a stale socket file is replaced, a live one is an error) and
@@ -96,6 +101,7 @@ pub async fn bind(
         .route("/v1/migrations", get(list_migrations).post(start_migration))
         .route("/v1/migrations/{id}/cancel", post(cancel_migration))
         .route("/v1/decisions", get(list_decisions))
+        .route("/metrics", get(metrics))
         .with_state(App {
             state,
             mesh,
@@ -112,6 +118,58 @@ pub async fn bind(
             tracing::warn!(error = %e, "admin API stopped");
         }
         let _ = std::fs::remove_file(&path);
+    }))
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    metrics_response(&app.state, &app.mesh).await
+}
+
+/// `GET /metrics`: the Prometheus text exposition (OpenMetrics) of [`crate::metrics`].
+async fn metrics_response(state: &NodeState, mesh: &Client) -> Response {
+    let peers = mesh.peers().await.map(|p| p.len()).unwrap_or(0);
+    let text =
+        mesh.with_registry(|libp2p| crate::metrics::render(state, &state.metrics, libp2p, peers));
+    match text {
+        Ok(text) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "metrics did not encode"),
+    }
+}
+
+/// Serves `GET /metrics` alone on a TCP address (`[control] metrics_listen`), for a
+/// Prometheus server that cannot reach the admin socket. Nothing else is served there.
+pub async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    state: Arc<NodeState>,
+    mesh: Client,
+    cancel: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, ServeError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::MetricsBind { addr, source })?;
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let (state, mesh) = (state.clone(), mesh.clone());
+            async move { metrics_response(&state, &mesh).await }
+        }),
+    );
+    tracing::info!(%addr, "metrics listening");
+    Ok(tokio::spawn(async move {
+        let shutdown = cancel.cancelled_owned();
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::warn!(error = %e, "metrics listener stopped");
+        }
     }))
 }
 
@@ -162,6 +220,7 @@ async fn status(State(app): State<App>) -> Response {
         rosters_refused: c.rosters_refused.load(Ordering::Relaxed),
         admission,
         incoming_streams,
+        clock_off: *s.clock_off.lock().unwrap_or_else(|p| p.into_inner()),
     })
     .into_response()
 }

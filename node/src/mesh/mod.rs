@@ -23,9 +23,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use drift_protocol::codec::{encode_frame, FrameDecoder};
-use drift_protocol::report::{self, Freshness};
+use drift_protocol::report::{self, Freshness, Rejection};
 use drift_protocol::roster::Announcement;
-use drift_protocol::{NodeId, SecretKey};
+use drift_protocol::{NodeId, SecretKey, Timestamp};
 use futures::StreamExt;
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance};
 use libp2p::multiaddr::Protocol;
@@ -49,6 +49,12 @@ const REDIAL_EVERY: Duration = Duration::from_secs(3);
 const OPEN_RETRY: Duration = Duration::from_millis(250);
 /// How often the node announces its roster chain.
 const ANNOUNCE_EVERY: Duration = Duration::from_secs(20);
+/// How often this host's clock is judged against its peers' reports.
+const CLOCK_JUDGED_EVERY: Duration = Duration::from_secs(5);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// What the mesh needs to start.
 #[derive(Debug, Clone)]
@@ -203,6 +209,14 @@ impl Client {
         }
     }
 
+    /// Runs `f` on the registry of libp2p's metrics.
+    pub fn with_registry<R>(
+        &self,
+        f: impl FnOnce(&prometheus_client::registry::Registry) -> R,
+    ) -> R {
+        f(&self.metrics.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     /// Total bytes received and sent over all connections (transport level, after Noise).
     pub fn bandwidth(&self) -> (u64, u64) {
         let registry = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
@@ -317,6 +331,7 @@ pub fn spawn(
         freshness: config.freshness,
         cancel,
         last_announce: None,
+        clock_judged: None,
         denials_audited: (Instant::now(), 0),
     };
     let handle = tokio::spawn(event_loop.run());
@@ -359,6 +374,8 @@ struct EventLoop {
     freshness: Freshness,
     cancel: CancellationToken,
     last_announce: Option<Instant>,
+    /// When this host's clock was last judged against its peers'.
+    clock_judged: Option<Instant>,
     /// Refused connections written to the audit log in the current minute (bounded, so a
     /// flood of strangers cannot fill the disk; the counter counts them all).
     denials_audited: (Instant, u32),
@@ -630,6 +647,18 @@ impl EventLoop {
             };
             report::validate(data, &ctx, |id| table.newest_seq(id))
         };
+        let offset = match &verdict {
+            Ok((_, report)) => Some((report.node, report.issued_at)),
+            Err(Rejection::TooOld { node, age_ms }) => Some((*node, Timestamp(now.0 - age_ms))),
+            Err(Rejection::FromFuture { node, ahead_ms }) => {
+                Some((*node, now.plus_millis(*ahead_ms)))
+            }
+            Err(_) => None,
+        };
+        if let Some((node, issued_at)) = offset {
+            lock(&self.state.skew).observe(node, issued_at, now);
+            self.judge_own_clock(now);
+        }
         match verdict {
             Ok((_, report)) => {
                 self.state.table().insert(report, Instant::now());
@@ -649,6 +678,39 @@ impl EventLoop {
                 }
             }
         }
+    }
+
+    /// At most every [`CLOCK_JUDGED_EVERY`]: whether the peers' reports say this host's clock
+    /// is off (beyond the skew a report may have); said in the log when that changes, and
+    /// shown by `drift status`.
+    fn judge_own_clock(&mut self, now: Timestamp) {
+        if self
+            .clock_judged
+            .is_some_and(|t| t.elapsed() < CLOCK_JUDGED_EVERY)
+        {
+            return;
+        }
+        self.clock_judged = Some(Instant::now());
+        let verdict = {
+            let roster = self.state.roster();
+            let mut skew = lock(&self.state.skew);
+            skew.retain(|id| roster.roster.member(id).is_some());
+            skew.verdict(now, self.freshness.max_skew_ms)
+        };
+        let mut said = lock(&self.state.clock_off);
+        match (&*said, &verdict) {
+            (_, Some(v))
+                if said.is_none_or(|s| {
+                    s.disagreeing != v.disagreeing
+                        || (s.ahead_ms - v.ahead_ms).abs() > self.freshness.max_skew_ms as i64
+                }) =>
+            {
+                warn!(ahead_ms = v.ahead_ms, "{}", v.describe());
+            }
+            (Some(_), None) => info!("this host's clock agrees with its peers' again"),
+            _ => {}
+        }
+        *said = verdict;
     }
 
     fn on_roster(&mut self, data: &[u8]) -> MessageAcceptance {

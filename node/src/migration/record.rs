@@ -112,11 +112,28 @@ pub struct Record {
     pub progress: Option<Progress>,
 }
 
+impl Record {
+    /// How the migration ended, as `drift migrations` says it, or `running`.
+    pub fn outcome(&self) -> &'static str {
+        match (self.role, &self.phase) {
+            (_, Phase::Committed { .. }) => "committed",
+            (Role::Source, Phase::Aborted) if self.detail.starts_with("refused") => "refused",
+            (Role::Source, Phase::Aborted) => "resumed",
+            (Role::Source, Phase::Incomplete) => "lost",
+            (Role::Target, Phase::Aborted) => "aborted",
+            (Role::Target, Phase::Incomplete) => "incomplete",
+            _ => "running",
+        }
+    }
+}
+
 /// The records of one node.
 #[derive(Debug)]
 pub struct Records {
     dir: PathBuf,
     map: Mutex<BTreeMap<MigrationId, Record>>,
+    /// Told of every record that reaches its end.
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 impl Records {
@@ -142,9 +159,16 @@ impl Records {
             Self {
                 dir: dir.to_owned(),
                 map: Mutex::new(map),
+                metrics: None,
             },
             problems,
         ))
+    }
+
+    /// Counts every record that reaches its end from now on in `metrics`.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<MigrationId, Record>> {
@@ -162,8 +186,17 @@ impl Records {
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
         write_atomic(&self.path(&record.id), &bytes, 0o600, Overwrite::Replace)?;
         let mut map = self.map();
-        map.insert(record.id, record.clone());
+        let ended = record.phase.finished();
+        let was_ended = map
+            .insert(record.id, record.clone())
+            .map(|r| r.phase.finished());
         self.prune(&mut map);
+        drop(map);
+        if ended && was_ended != Some(true) {
+            if let Some(m) = &self.metrics {
+                m.migration_finished(record);
+            }
+        }
         Ok(())
     }
 

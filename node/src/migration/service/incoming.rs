@@ -58,6 +58,7 @@ impl Migrations {
         let (offer, reservation) = match verdict {
             Ok(ok) => ok,
             Err(reason) => {
+                self.state.metrics.offer_refused(reason.label());
                 self.state.audit(AuditEvent::Refused {
                     id: signed.verify().ok().map(|o| o.id),
                     peer: Some(from),

@@ -258,6 +258,7 @@ impl Migrations {
             path: dir.clone(),
             source,
         })?;
+        let records = records.with_metrics(state.metrics.clone());
         for p in problems {
             error!(problem = %p, "unreadable migration record left in place");
         }
@@ -452,12 +453,7 @@ impl Migrations {
                 let state = match (r.role, &r.phase) {
                     (_, Phase::Committed { .. }) => "committed",
                     (Role::Source, _) if resolving.contains(&r.id) => "resolving",
-                    (Role::Source, Phase::Aborted) if r.detail.starts_with("refused") => "refused",
-                    (Role::Source, Phase::Aborted) => "resumed",
-                    (Role::Source, Phase::Incomplete) => "lost",
-                    (Role::Target, Phase::Aborted) => "aborted",
-                    (Role::Target, Phase::Incomplete) => "incomplete",
-                    _ => "running",
+                    _ => r.outcome(),
                 };
                 let progress = live
                     .get(&r.id)
