@@ -193,6 +193,9 @@ fn a_host_whose_clock_is_ten_minutes_ahead_says_so() {
     );
     let log = std::fs::read_to_string(c.nodes[0].node.dir.join("drift.log")).unwrap();
     assert!(log.contains("clock is probably wrong"), "not in the log");
+    let (ok, text) = doctor(&c, 0);
+    assert!(!ok, "{text}");
+    assert_eq!(verdicts(&text, "clock"), ["FAIL"], "{text}");
     for i in [1, 2] {
         let s = c.status(i).unwrap();
         assert_eq!(
@@ -203,4 +206,69 @@ fn a_host_whose_clock_is_ten_minutes_ahead_says_so() {
         );
         assert!(s.reports_rejected["too_old"] + s.reports_rejected["from_future"] > 0);
     }
+}
+
+/// The verdicts (`ok`, `warn`, `FAIL`) `drift doctor` printed for the check `what`.
+fn verdicts<'a>(text: &'a str, what: &str) -> Vec<&'a str> {
+    text.lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            let tag = words.next()?;
+            (words.next() == Some(what)).then_some(tag)
+        })
+        .collect()
+}
+
+fn doctor(c: &Cluster, i: usize) -> (bool, String) {
+    let config = c.nodes[i].node.config.to_str().unwrap();
+    let out = drift(&["doctor", "--config", config]);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// `drift doctor` on a node before it runs, while it runs, and with a key others can read.
+#[test]
+fn doctor_checks_a_node_before_and_while_it_runs() {
+    let mut c = Cluster::generate(2, INTERVAL);
+    let (ok, text) = doctor(&c, 0);
+    assert!(ok, "{text}");
+    for what in ["config", "key", "member"] {
+        assert_eq!(verdicts(&text, what), ["ok"], "{what}: {text}");
+    }
+    assert!(verdicts(&text, "roster").contains(&"ok"), "{text}");
+    assert!(!verdicts(&text, "listen").is_empty(), "{text}");
+    assert!(
+        verdicts(&text, "listen").iter().all(|v| *v == "ok"),
+        "{text}"
+    );
+    assert_eq!(verdicts(&text, "clock"), ["warn"], "no daemon yet: {text}");
+
+    for n in &mut c.nodes {
+        n.start();
+    }
+    c.wait_converged(Duration::from_secs(60)).unwrap();
+    let (ok, text) = doctor(&c, 0);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("in use, by this node's running daemon"),
+        "{text}"
+    );
+    assert_eq!(verdicts(&text, "clock"), ["ok"], "{text}");
+
+    let key = c.nodes[0].node.dir.join("node.key");
+    assert!(
+        key.exists(),
+        "the generated key is not where the test expects it"
+    );
+    let mode = |m: u32| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(m)).unwrap();
+    };
+    mode(0o644);
+    let (ok, text) = doctor(&c, 0);
+    mode(0o600);
+    assert!(!ok, "a key readable by others passed: {text}");
+    assert_eq!(verdicts(&text, "key"), ["FAIL"], "{text}");
 }

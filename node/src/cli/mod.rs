@@ -8,6 +8,7 @@ mod audit;
 mod bench;
 mod daemon;
 mod decisions;
+mod doctor;
 mod keys;
 mod migrate;
 mod roster;
@@ -76,6 +77,9 @@ pub enum Command {
     /// Replay a PlanetLab day on the placement benchmark's 800-host data center, once per
     /// policy: energy, SLA violations and migrations side by side.
     Sim(sim::SimArgs),
+    /// Check this host's setup: key, roster, state directory, ports, QEMU and KVM, image
+    /// directories, and (with a running daemon) this host's clock against its peers'.
+    Doctor(doctor::DoctorArgs),
     /// Print a shell completion script: `drift completions bash > /etc/bash_completion.d/drift`.
     Completions(shell::CompletionsArgs),
     /// Write the man pages (`drift.1` to stdout, or every page with `--out DIR`).
@@ -117,6 +121,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Decisions(args) => decisions::decisions(args),
         Command::Vm(cmd) => vm::run(cmd),
         Command::Vmm(args) => vm::vmm(args),
+        Command::Doctor(args) => doctor::doctor(args),
         Command::Completions(args) => shell::completions(args),
         Command::Man(args) => shell::man(args),
     }
