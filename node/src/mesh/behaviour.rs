@@ -3,8 +3,8 @@
 //! Gatekeepers come first (libp2p asks behaviours in field order and the first refusal wins):
 //! the roster allow list refuses any peer that is not a member right after the Noise handshake
 //! has proven its key, before any drift protocol runs on the connection; the connection limits
-//! bound pending and established connections. Then gossipsub (signed, strictly validated,
-//! application-validated, scored) and identify.
+//! bound pending and established connections. Then gossipsub (anonymous, content-addressed,
+//! application-validated against drift's own signatures, scored) and identify.
 
 use std::time::Duration;
 
@@ -59,16 +59,27 @@ pub fn keypair(key: &drift_protocol::SecretKey) -> Keypair {
     Keypair::ed25519_from_bytes(*seed).expect("a 32-byte seed is a valid ed25519 secret")
 }
 
-fn gossipsub(key: &Keypair) -> Result<gossipsub::Behaviour, String> {
+/// The id of a gossip message: its content's hash (20 bytes of blake3), so the same signed
+/// report is the same message whoever forwards it.
+fn message_id(m: &gossipsub::Message) -> gossipsub::MessageId {
+    gossipsub::MessageId::from(&blake3::hash(&m.data).as_bytes()[..20])
+}
+
+fn gossipsub() -> Result<gossipsub::Behaviour, String> {
+    // Every report and roster is signed by drift itself (its host, or the admin) and checked
+    // before anything reads it, so a gossipsub-level signature with its author and sequence
+    // number would only double each message's size. Messages go out anonymous; signed ones
+    // from nodes of earlier versions are still verified and read (`Permissive`).
     let config = gossipsub::ConfigBuilder::default()
         .heartbeat_interval(Duration::from_millis(700))
-        .validation_mode(gossipsub::ValidationMode::Strict)
+        .validation_mode(gossipsub::ValidationMode::Permissive)
+        .message_id_fn(message_id)
         .validate_messages()
         .max_transmit_size(MAX_GOSSIP_MESSAGE)
         .build()
         .map_err(|e| e.to_string())?;
     let mut behaviour =
-        gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), config)?;
+        gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, config)?;
     // Invalid messages cost the peer that forwarded them dearly; silence is not punished (the
     // topics are quiet by design), and many peers on one address are fine (testnets).
     let topic_params = gossipsub::TopicScoreParams {
@@ -114,7 +125,7 @@ impl Behaviour {
         Ok(Self {
             allow: Toggle::from((!insecure_open).then(allow_block_list::Behaviour::default)),
             limits: connection_limits::Behaviour::new(limits),
-            gossipsub: gossipsub(key)?,
+            gossipsub: gossipsub()?,
             identify: identify::Behaviour::new(
                 identify::Config::new("/drift/id/1.0.0".into(), key.public())
                     .with_agent_version(format!("drift/{}", env!("CARGO_PKG_VERSION"))),
