@@ -55,6 +55,26 @@ impl OwnClockOff {
     }
 }
 
+/// How far this host's clock may be from its peers' before it is said to be wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tolerance {
+    /// This host ahead: peers' reports look this much older than they are.
+    pub ahead_ms: u64,
+    /// This host behind: peers' reports look this much from the future.
+    pub behind_ms: u64,
+}
+
+impl Tolerance {
+    /// Half the age at which reports are refused as too old (so the warning comes before
+    /// the refusals), and the skew at which they are refused as from the future.
+    pub fn for_freshness(f: &crate::report::Freshness) -> Self {
+        Self {
+            ahead_ms: f.max_age_ms / 2,
+            behind_ms: f.max_skew_ms,
+        }
+    }
+}
+
 /// The newest offset of each peer.
 #[derive(Debug, Clone, Default)]
 pub struct SkewEstimate {
@@ -74,11 +94,13 @@ impl SkewEstimate {
         self.offsets.retain(|id, _| keep(id));
     }
 
-    /// Whether this host's clock is off by more than `tolerance_ms` by the peers heard from
-    /// within [`WINDOW_MS`] of `now`: more than half of them (and at least one) must be off
-    /// in the same direction. With a single peer, its word is taken (two hosts cannot tell
-    /// which clock is wrong; the message says how many peers disagree).
-    pub fn verdict(&self, now: Timestamp, tolerance_ms: u64) -> Option<OwnClockOff> {
+    /// Whether this host's clock is off by the peers heard from within [`WINDOW_MS`] of
+    /// `now`: more than half of them (and at least one) must be off in the same direction, by
+    /// more than `tolerance.ahead_ms` for this host to be ahead (their reports look old; gossip
+    /// delays add to that, so it is the wider one) or `tolerance.behind_ms` to be behind. With
+    /// a single peer, its word is taken (two hosts cannot tell which clock is wrong; the
+    /// message says how many peers disagree).
+    pub fn verdict(&self, now: Timestamp, tolerance: Tolerance) -> Option<OwnClockOff> {
         let recent: Vec<i64> = self
             .offsets
             .values()
@@ -86,10 +108,10 @@ impl SkewEstimate {
             .map(|(o, _)| *o)
             .collect();
         let heard = recent.len();
-        let tol = tolerance_ms as i64;
         // Peers ahead of this host mean this host is behind, and the other way round.
-        let mut behind: Vec<i64> = recent.iter().copied().filter(|o| *o > tol).collect();
-        let mut ahead: Vec<i64> = recent.iter().copied().filter(|o| *o < -tol).collect();
+        let (a, b) = (tolerance.ahead_ms as i64, tolerance.behind_ms as i64);
+        let mut behind: Vec<i64> = recent.iter().copied().filter(|o| *o > b).collect();
+        let mut ahead: Vec<i64> = recent.iter().copied().filter(|o| *o < -a).collect();
         let side = if behind.len() * 2 > heard {
             &mut behind
         } else if ahead.len() * 2 > heard {
@@ -117,6 +139,26 @@ mod tests {
     }
 
     const NOW: Timestamp = Timestamp(10_000_000);
+    const TOL: Tolerance = Tolerance {
+        ahead_ms: 15_000,
+        behind_ms: 5_000,
+    };
+
+    #[test]
+    fn gossip_delay_alone_is_not_a_wrong_clock() {
+        let mut e = SkewEstimate::default();
+        // Every report arrives 10 s late (a slow mesh): within the wider tolerance.
+        for i in 1..=4u8 {
+            e.observe(peer(i), Timestamp(NOW.0 - 10_000), NOW);
+        }
+        assert_eq!(e.verdict(NOW, TOL), None);
+        // 10 s from the future cannot be a delay.
+        let mut e = SkewEstimate::default();
+        for i in 1..=4u8 {
+            e.observe(peer(i), Timestamp(NOW.0 + 10_000), NOW);
+        }
+        assert_eq!(e.verdict(NOW, TOL).map(|v| v.ahead_ms), Some(-10_000));
+    }
 
     #[test]
     fn a_host_ten_minutes_ahead_is_told_so() {
@@ -125,7 +167,7 @@ mod tests {
         for i in 1..=4u8 {
             e.observe(peer(i), Timestamp(NOW.0 - 600_000 - i as u64 * 10), NOW);
         }
-        let v = e.verdict(NOW, 5_000).unwrap();
+        let v = e.verdict(NOW, TOL).unwrap();
         assert!((600_000..=600_040).contains(&v.ahead_ms), "{v:?}");
         assert_eq!((v.disagreeing, v.heard), (4, 4));
         assert!(
@@ -141,7 +183,7 @@ mod tests {
         for i in 1..=3u8 {
             e.observe(peer(i), Timestamp(NOW.0 + 90_000), NOW);
         }
-        let v = e.verdict(NOW, 5_000).unwrap();
+        let v = e.verdict(NOW, TOL).unwrap();
         assert_eq!(v.ahead_ms, -90_000);
         assert!(v.describe().contains("behind"));
     }
@@ -153,12 +195,12 @@ mod tests {
         for i in 2..=5u8 {
             e.observe(peer(i), Timestamp(NOW.0 - 200), NOW);
         }
-        assert_eq!(e.verdict(NOW, 5_000), None);
+        assert_eq!(e.verdict(NOW, TOL), None);
         // Half is not a majority either.
         let mut e = SkewEstimate::default();
         e.observe(peer(1), Timestamp(NOW.0 - 600_000), NOW);
         e.observe(peer(2), Timestamp(NOW.0 - 100), NOW);
-        assert_eq!(e.verdict(NOW, 5_000), None);
+        assert_eq!(e.verdict(NOW, TOL), None);
     }
 
     #[test]
@@ -169,7 +211,7 @@ mod tests {
             e.observe(peer(i), Timestamp(then.0 - 600_000), then);
         }
         assert_eq!(
-            e.verdict(NOW, 5_000),
+            e.verdict(NOW, TOL),
             None,
             "offsets older than the window count"
         );
@@ -180,13 +222,13 @@ mod tests {
         e.observe(peer(1), Timestamp(NOW.0), NOW);
         e.observe(peer(2), Timestamp(NOW.0), NOW);
         assert_eq!(
-            e.verdict(NOW, 5_000),
+            e.verdict(NOW, TOL),
             None,
             "a peer's newest offset replaces its older one"
         );
         e.retain(|id| *id == peer(3));
         assert!(
-            e.verdict(NOW, 5_000).is_some(),
+            e.verdict(NOW, TOL).is_some(),
             "only the remaining member is heard"
         );
     }

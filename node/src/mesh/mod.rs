@@ -695,7 +695,10 @@ impl EventLoop {
             let roster = self.state.roster();
             let mut skew = lock(&self.state.skew);
             skew.retain(|id| roster.roster.member(id).is_some());
-            skew.verdict(now, self.freshness.max_skew_ms)
+            skew.verdict(
+                now,
+                drift_protocol::skew::Tolerance::for_freshness(&self.freshness),
+            )
         };
         let mut said = lock(&self.state.clock_off);
         match (&*said, &verdict) {
