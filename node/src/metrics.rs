@@ -9,7 +9,6 @@
 //! registry the mesh fills.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use prometheus_client::encoding::text::{encode_eof, encode_registry};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -21,7 +20,6 @@ use prometheus_client::registry::Registry;
 
 use crate::migration::record::{Record, Role};
 use crate::state::NodeState;
-use crate::table::Liveness;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MigrationLabels {
@@ -180,24 +178,41 @@ pub fn render(
     let mut r = Registry::default();
     metrics.register(&mut r);
     let c = &state.counters;
-    counter(
-        &mut r,
-        "drift_reports_accepted",
-        "Load reports accepted into the table",
-        c.reports_accepted.load(Ordering::Relaxed),
-    );
-    counter(
-        &mut r,
-        "drift_reports_published",
-        "Load reports this node published",
-        c.reports_published.load(Ordering::Relaxed),
-    );
-    counter(
-        &mut r,
-        "drift_report_publish_failures",
-        "Load reports this node could not publish",
-        c.publish_failures.load(Ordering::Relaxed),
-    );
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    for (name, help, value) in [
+        (
+            "drift_reports_accepted",
+            "Load reports accepted into the table",
+            load(&c.reports_accepted),
+        ),
+        (
+            "drift_reports_published",
+            "Load reports this node published",
+            load(&c.reports_published),
+        ),
+        (
+            "drift_report_publish_failures",
+            "Load reports this node could not publish",
+            load(&c.publish_failures),
+        ),
+        (
+            "drift_connections_denied",
+            "Connections refused because the peer is not a roster member",
+            load(&c.connections_denied),
+        ),
+        (
+            "drift_rosters_adopted",
+            "Roster epochs adopted",
+            load(&c.rosters_adopted),
+        ),
+        (
+            "drift_rosters_refused",
+            "Roster announcements refused",
+            load(&c.rosters_refused),
+        ),
+    ] {
+        counter(&mut r, name, help, value);
+    }
     let rejected = Family::<ReasonLabels, Counter>::default();
     for (reason, n) in c.rejections() {
         rejected.get_or_create(&ReasonLabels { reason }).inc_by(n);
@@ -207,51 +222,18 @@ pub fn render(
         "Load reports refused, by reason",
         rejected,
     );
-    counter(
-        &mut r,
-        "drift_connections_denied",
-        "Connections refused because the peer is not a roster member",
-        c.connections_denied.load(Ordering::Relaxed),
-    );
-    counter(
-        &mut r,
-        "drift_rosters_adopted",
-        "Roster epochs adopted",
-        c.rosters_adopted.load(Ordering::Relaxed),
-    );
-    counter(
-        &mut r,
-        "drift_rosters_refused",
-        "Roster announcements refused",
-        c.rosters_refused.load(Ordering::Relaxed),
-    );
     gauge(&mut r, "drift_peers", "Connected peers", peers as i64);
-    let roster = state.roster();
-    let rows = state
-        .table()
-        .rows(&roster.roster, &state.me, std::time::Instant::now());
     let hosts = Family::<StateLabels, Gauge>::default();
-    for l in [
-        Liveness::Alive,
-        Liveness::Suspect,
-        Liveness::Gone,
-        Liveness::Unknown,
-    ] {
-        let n = rows.iter().filter(|row| row.state == l).count();
-        hosts
-            .get_or_create(&StateLabels {
-                state: l.to_string(),
-            })
-            .set(n as i64);
+    for (state, n) in state.hosts_by_liveness() {
+        hosts.get_or_create(&StateLabels { state }).set(n as i64);
     }
     r.register("drift_hosts", "Roster hosts by liveness", hosts);
     gauge(
         &mut r,
         "drift_roster_epoch",
         "The roster epoch in force",
-        roster.roster.epoch as i64,
+        state.roster().roster.epoch as i64,
     );
-    drop(roster);
     gauge(
         &mut r,
         "drift_audit_records",
@@ -270,6 +252,3 @@ pub fn render(
     encode_eof(&mut text)?;
     Ok(text)
 }
-
-/// Shared by the admin server and the metrics listener.
-pub type Shared = Arc<Metrics>;

@@ -151,6 +151,23 @@ impl NodeState {
         }
     }
 
+    /// Roster hosts by liveness (`alive`, `suspect`, `gone`, `unknown`; zeros included), as
+    /// this node's table sees them now.
+    pub fn hosts_by_liveness(&self) -> BTreeMap<String, usize> {
+        use crate::table::Liveness;
+        let roster = self.roster();
+        let rows = self.table().rows(&roster.roster, &self.me, Instant::now());
+        [
+            Liveness::Alive,
+            Liveness::Suspect,
+            Liveness::Gone,
+            Liveness::Unknown,
+        ]
+        .into_iter()
+        .map(|l| (l.to_string(), rows.iter().filter(|r| r.state == l).count()))
+        .collect()
+    }
+
     /// The newest audit record's `(seq, hash)`, if any.
     pub fn audit_head(&self) -> Option<drift_protocol::audit::Anchor> {
         self.audit.lock().unwrap_or_else(|p| p.into_inner()).head()

@@ -370,14 +370,10 @@ fn check_qemu(r: &mut Report, image_dirs: &[PathBuf]) {
 }
 
 fn check_clock(r: &mut Report, socket: &Path) {
-    let status = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .ok()
-        .and_then(|rt| {
-            rt.block_on(client::get::<StatusView>(socket, "/v1/status"))
-                .ok()
-        });
+    let status = super::daemon_runtime().ok().and_then(|rt| {
+        rt.block_on(client::get::<StatusView>(socket, "/v1/status"))
+            .ok()
+    });
     match status {
         None => r.add(
             Verdict::Warn,

@@ -26,7 +26,6 @@ use crate::hypervisor::HypervisorError;
 use crate::mesh::{Client, MAX_GOSSIP_MESSAGE};
 use crate::migration::service::{MigrateError, Migrations};
 use crate::state::NodeState;
-use crate::table::Liveness;
 
 #[derive(Clone)]
 struct App {
@@ -188,17 +187,8 @@ async fn status(State(app): State<App>) -> Response {
         .collect();
     let s = &app.state;
     let c = &s.counters;
+    let hosts = s.hosts_by_liveness();
     let roster = s.roster();
-    let rows = s.table().rows(&roster.roster, &s.me, Instant::now());
-    let mut hosts = std::collections::BTreeMap::new();
-    for l in [
-        Liveness::Alive,
-        Liveness::Suspect,
-        Liveness::Gone,
-        Liveness::Unknown,
-    ] {
-        hosts.insert(l.to_string(), rows.iter().filter(|r| r.state == l).count());
-    }
     let (admission, incoming_streams) = app.migrations.admission_view();
     Json(StatusView {
         version: API_VERSION,
