@@ -15,6 +15,7 @@
 //! fails is never forwarded; a forged one (`Reject`) lowers the forwarding peer's score, an
 //! outdated one is dropped without penalty (`Ignore`).
 
+mod bandwidth;
 mod behaviour;
 
 use std::collections::{HashMap, HashSet};
@@ -109,6 +110,7 @@ enum Command {
 pub struct Client {
     commands: mpsc::Sender<Command>,
     metrics: Arc<Mutex<prometheus_client::registry::Registry>>,
+    bytes: bandwidth::MeshBytes,
     streams: libp2p_stream::Control,
 }
 
@@ -217,30 +219,10 @@ impl Client {
         f(&self.metrics.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Total bytes received and sent over all connections (transport level, after Noise).
+    /// Total bytes received and sent on the streams of all connections (after decryption and
+    /// demultiplexing, all protocols): the counters `/metrics` shows as `drift_mesh_bytes_total`.
     pub fn bandwidth(&self) -> (u64, u64) {
-        let registry = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
-        let mut text = String::new();
-        if prometheus_client::encoding::text::encode(&mut text, &registry).is_err() {
-            return (0, 0);
-        }
-        let (mut inbound, mut outbound) = (0u64, 0u64);
-        for line in text
-            .lines()
-            .filter(|l| l.starts_with("libp2p_bandwidth_bytes_total"))
-        {
-            let value = line
-                .rsplit(' ')
-                .next()
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0) as u64;
-            if line.contains("direction=\"Inbound\"") {
-                inbound += value;
-            } else if line.contains("direction=\"Outbound\"") {
-                outbound += value;
-            }
-        }
-        (inbound, outbound)
+        self.bytes.get()
     }
 }
 
@@ -261,17 +243,27 @@ pub fn spawn(
 ) -> Result<(Client, tokio::task::JoinHandle<()>), MeshError> {
     let key = keypair(&config.key);
     let mut registry = prometheus_client::registry::Registry::default();
+    let bytes = bandwidth::MeshBytes::registered(&mut registry);
     let insecure_open = state.insecure_open;
     let max_connections = config.max_connections;
     let mut swarm = SwarmBuilder::with_existing_identity(key)
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
+        .with_other_transport(|key| {
+            use libp2p::core::muxing::StreamMuxerBox;
+            use libp2p::Transport as _;
+            // TCP (Noise, yamux) and QUIC, as `with_tcp` and `with_quic` build them, with the
+            // streams of every connection counted in `bytes`.
+            let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                .upgrade(libp2p::core::upgrade::Version::V1Lazy)
+                .authenticate(noise::Config::new(key)?)
+                .multiplex(yamux::Config::default())
+                .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)));
+            let quic = libp2p::quic::tokio::Transport::new(libp2p::quic::Config::new(key))
+                .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)));
+            let both = tcp.or_transport(quic).map(|either, _| either.into_inner());
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(bytes.count(both))
+        })
         .map_err(|e| MeshError::Transport(e.to_string()))?
-        .with_quic()
         .with_dns()
         .map_err(|e| MeshError::Transport(format!("DNS resolver: {e}")))?
         .with_bandwidth_metrics(&mut registry)
@@ -339,6 +331,7 @@ pub fn spawn(
         Client {
             commands: tx,
             metrics: Arc::new(Mutex::new(registry)),
+            bytes,
             streams,
         },
         handle,
