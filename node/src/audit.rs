@@ -12,8 +12,8 @@
 //! A crash in the middle of an append leaves at most one partial frame at the end of the log;
 //! opening the log cuts it off (the record was never reported written), so the log is always a
 //! valid prefix. The anchor lives on the same disk as the log, so it stops accidents and naive
-//! edits, not an attacker holding the node's key; gossiping signed heads to peers is the
-//! remedy for that.
+//! edits, not an attacker holding the node's key; the heads the node gossips and its peers
+//! countersign and keep (`crate::witness`) are the remedy for that.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -252,6 +252,11 @@ impl AuditLog {
             }
         })?;
         Ok(anchor)
+    }
+
+    /// Signs `value` with the node's key (the key that signs the log).
+    pub fn sign<T: drift_protocol::signed::Signable>(&self, value: &T) -> Signed<T> {
+        Signed::sign(value, &self.key)
     }
 
     /// The newest record's anchor.

@@ -11,9 +11,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use drift_protocol::codec::{FrameDecoder, MAX_FRAME_LEN};
 use drift_protocol::report::Freshness;
-use drift_protocol::roster::{self, RosterError};
-use drift_protocol::{AuditEvent, Roster, Signed};
+use drift_protocol::roster::{self, Admins, Announcement, Endorsed, RosterError};
+use drift_protocol::{AuditEvent, Timestamp};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn, Instrument};
@@ -24,7 +25,7 @@ use crate::config::Config;
 use crate::identity::{read_key, read_signed_roster, FileError};
 use crate::mesh::{self, Client, MeshConfig, MeshError};
 use crate::monitor::{self, Monitor};
-use crate::state::NodeState;
+use crate::state::{LoadedRoster, NodeState, ADOPTED_CHAIN, ADOPTED_ROSTER};
 use crate::table::Table;
 
 /// Why a node could not start.
@@ -86,30 +87,106 @@ impl Running {
     }
 }
 
-fn load_roster(config: &Config) -> Result<(Signed<Roster>, Roster), StartError> {
-    let admin = config.node.admin;
+fn load_roster(config: &Config) -> Result<LoadedRoster, StartError> {
+    let trust = config.node.trust();
     let now = crate::clock::now();
     let path = &config.node.roster;
     let signed = read_signed_roster(path)?;
-    let r = roster::verify(&signed, &admin, Some(now)).map_err(|source| StartError::Roster {
+    let r = roster::verify(&signed, &trust, Some(now)).map_err(|source| StartError::Roster {
         path: path.clone(),
         source,
     })?;
-    let adopted_path = config.node.state_dir.join("roster.current");
-    if adopted_path.exists() {
-        match read_signed_roster(&adopted_path)
-            .ok()
-            .and_then(|s| roster::verify(&s, &admin, Some(now)).ok().map(|r| (s, r)))
-        {
-            Some((s, a)) if a.cluster == r.cluster && a.epoch > r.epoch => {
-                info!(epoch = a.epoch, "using the roster adopted before restart");
-                return Ok((s, a));
-            }
-            Some(_) => {}
-            None => warn!(path = %adopted_path.display(), "ignoring unusable adopted roster"),
+    let configured = LoadedRoster {
+        chain: vec![signed.clone()],
+        signed,
+        roster: r,
+    };
+    let dir = &config.node.state_dir;
+    let (saved_path, saved) = if dir.join(ADOPTED_CHAIN).exists() {
+        let p = dir.join(ADOPTED_CHAIN);
+        let saved = std::fs::read(&p).ok().and_then(|b| {
+            Announcement::decode_frame(&FrameDecoder::new(MAX_FRAME_LEN), &b)
+                .ok()
+                .map(|a| a.chain)
+        });
+        (p, saved)
+    } else if dir.join(ADOPTED_ROSTER).exists() {
+        let p = dir.join(ADOPTED_ROSTER);
+        let saved = read_signed_roster(&p).ok().map(|e| vec![e]);
+        (p, saved)
+    } else {
+        return Ok(configured);
+    };
+    match saved.map(|chain| adopted_before(&configured, &chain, &trust, now)) {
+        Some(Ok(Some(adopted))) => {
+            info!(
+                epoch = adopted.roster.epoch,
+                "using the roster adopted before restart"
+            );
+            Ok(adopted)
+        }
+        Some(Ok(None)) => Ok(configured),
+        Some(Err(e)) => {
+            warn!(path = %saved_path.display(), error = %e, "ignoring unusable adopted roster");
+            Ok(configured)
+        }
+        None => {
+            warn!(path = %saved_path.display(), "ignoring unreadable adopted roster");
+            Ok(configured)
         }
     }
-    Ok((signed, r))
+}
+
+/// The newest epoch of `saved` (the epochs this node adopted before a restart) that the
+/// configured roster leads to: walked forward epoch by epoch, each checked against the admins
+/// of the one before; or, when the configured roster is older than every saved epoch, from the
+/// first saved epoch newer than it, verified against the trust anchor as a loaded roster is.
+/// `None`: nothing saved is newer.
+fn adopted_before(
+    configured: &LoadedRoster,
+    saved: &[Endorsed],
+    trust: &Admins,
+    now: Timestamp,
+) -> Result<Option<LoadedRoster>, roster::RosterError> {
+    let newer: Vec<Endorsed> = saved
+        .iter()
+        .filter(|e| {
+            e.signed
+                .decode_unverified()
+                .is_ok_and(|r| r.epoch > configured.roster.epoch)
+        })
+        .cloned()
+        .collect();
+    let Some(first) = newer.first() else {
+        return Ok(None);
+    };
+    let (start, start_roster, rest) =
+        match roster::advance(&configured.signed, &configured.roster, &newer, trust, now) {
+            Ok(walked) if !walked.is_empty() => {
+                (configured.signed.clone(), configured.roster.clone(), walked)
+            }
+            _ => {
+                let r = roster::verify(first, trust, Some(now))?;
+                if r.cluster != configured.roster.cluster {
+                    return Err(roster::RosterError::WrongCluster {
+                        expected: configured.roster.cluster.clone(),
+                        got: r.cluster,
+                    });
+                }
+                let walked = roster::advance(first, &r, &newer[1..], trust, now)?;
+                (first.clone(), r, walked)
+            }
+        };
+    let mut chain = vec![start.clone()];
+    chain.extend(rest.iter().map(|(e, _)| e.clone()));
+    let excess = chain.len().saturating_sub(roster::MAX_ANNOUNCED_EPOCHS);
+    chain.drain(..excess);
+    let (signed, roster) = rest.last().cloned().unwrap_or((start, start_roster));
+    Ok(Some(LoadedRoster {
+        signed,
+        roster,
+        chain,
+    }))
 }
 
 /// Starts a node from its configuration.
@@ -137,7 +214,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         })?;
     let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
         .map_err(|_| StartError::Locked(state_dir.clone()))?;
-    let (signed, roster) = load_roster(&config)?;
+    let loaded = load_roster(&config)?;
+    let roster = &loaded.roster;
     if roster.member(&me).is_none() && !config.node.insecure_open {
         return Err(StartError::NotAMember {
             id: me.to_string(),
@@ -159,15 +237,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     })?;
     let vms = crate::hypervisor::Vms::new(state_dir.join("vms"), exe);
     vms.scan();
-    let roster_hash = signed.hash();
-    let state = Arc::new(NodeState::new(
-        me,
-        &config.node,
-        (signed, roster),
-        table,
-        audit,
-        vms,
-    ));
+    let roster_hash = loaded.signed.hash();
+    let state = Arc::new(NodeState::new(me, &config.node, loaded, table, audit, vms));
     state.audit(AuditEvent::NodeStarted {
         roster_epoch: epoch,
     });
@@ -284,6 +355,16 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             client.clone(),
             migrations.clone(),
             config.load.interval,
+            cancel.clone(),
+        )
+        .instrument(span.clone()),
+    );
+
+    tasks.spawn(
+        crate::witness::run(
+            state.clone(),
+            client.clone(),
+            config.gossip.audit_head_interval,
             cancel.clone(),
         )
         .instrument(span.clone()),

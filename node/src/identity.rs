@@ -5,8 +5,9 @@
 //!
 //! A roster has two forms: the **draft** (TOML, edited with `drift roster add|remove` or by
 //! hand, reviewed, kept under version control) and the **signed roster** (one codec frame
-//! holding a `Signed<Roster>`, made by `drift roster sign` with the admin key and distributed to
-//! every node).
+//! holding the epoch and its admins' signatures, an [`Endorsed`] roster, made by `drift roster
+//! sign` with one admin key and signed further by the other admins the epoch needs, then
+//! distributed to every node).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -14,9 +15,9 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use drift_protocol::codec::{encode_frame, FrameDecoder, MAX_FRAME_LEN};
-use drift_protocol::roster::{Capacity, Member, Role, Roster, RosterError};
-use drift_protocol::{DecodeError, KeyError, NodeId, SecretKey, Signed, Timestamp};
+use drift_protocol::codec::{FrameDecoder, MAX_FRAME_LEN};
+use drift_protocol::roster::{Admins, Capacity, Endorsed, Member, Role, Roster, RosterError};
+use drift_protocol::{DecodeError, KeyError, NodeId, SecretKey, Timestamp};
 use serde::{Deserialize, Serialize};
 
 use crate::durable::{write_atomic, Overwrite};
@@ -131,6 +132,12 @@ fn default_roles() -> Vec<String> {
 #[serde(deny_unknown_fields)]
 pub struct RosterDraft {
     pub cluster: String,
+    /// The admin keys that must sign the next epoch (empty: the nodes' configured admin).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub admins: Vec<NodeId>,
+    /// How many of `admins` must sign the next epoch (default: 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<u8>,
     #[serde(default, rename = "member")]
     pub members: Vec<DraftMember>,
 }
@@ -171,15 +178,30 @@ impl RosterDraft {
             not_before,
             not_after,
             members,
+            admins: self.admin_set(),
         };
         roster.check()?;
         Ok(roster)
+    }
+
+    /// The admin set the draft names, if any.
+    pub fn admin_set(&self) -> Option<Admins> {
+        (!self.admins.is_empty() || self.threshold.is_some()).then(|| Admins {
+            keys: self.admins.clone(),
+            threshold: self.threshold.unwrap_or(1),
+        })
     }
 
     /// The draft form of a signed roster's contents (to edit the next epoch from it).
     pub fn from_roster(roster: &Roster) -> Self {
         Self {
             cluster: roster.cluster.clone(),
+            admins: roster
+                .admins
+                .as_ref()
+                .map(|a| a.keys.clone())
+                .unwrap_or_default(),
+            threshold: roster.admins.as_ref().map(|a| a.threshold),
             members: roster
                 .members
                 .iter()
@@ -225,24 +247,24 @@ pub fn write_draft(
     write(path, text.as_bytes(), 0o644, overwrite)
 }
 
-/// Reads a signed roster file (unverified: verify it against the admin key next).
-pub fn read_signed_roster(path: &Path) -> Result<Signed<Roster>, FileError> {
+/// Reads a signed roster file (unverified: verify it against the admins next).
+pub fn read_signed_roster(path: &Path) -> Result<Endorsed, FileError> {
     let bytes = read(path)?;
-    FrameDecoder::new(MAX_FRAME_LEN)
-        .decode_exact(&bytes)
-        .map_err(|source| FileError::BadSignedRoster {
+    Endorsed::decode_frame(&FrameDecoder::new(MAX_FRAME_LEN), &bytes).map_err(|source| {
+        FileError::BadSignedRoster {
             path: path.to_owned(),
             source,
-        })
+        }
+    })
 }
 
 /// Writes a signed roster file.
 pub fn write_signed_roster(
     path: &Path,
-    roster: &Signed<Roster>,
+    roster: &Endorsed,
     overwrite: Overwrite,
 ) -> Result<(), FileError> {
-    write(path, &encode_frame(roster), 0o644, overwrite)
+    write(path, &roster.encode_frame(), 0o644, overwrite)
 }
 
 #[cfg(test)]
@@ -281,6 +303,8 @@ mod tests {
         let id = SecretKey::generate(&mut OsRng).public();
         let draft = RosterDraft {
             cluster: "lab".into(),
+            admins: vec![],
+            threshold: None,
             members: vec![DraftMember {
                 name: "n1".into(),
                 id,

@@ -13,6 +13,8 @@
 //! - [`durable`]: atomic, durable file writes (temp file, fsync, rename, fsync directory), so a
 //!   crash never leaves a half-written key, roster or state file.
 //! - [`metrics`]: the Prometheus series `GET /metrics` serves.
+//! - [`witness`]: this node's audit heads published for peers to witness, and the heads of
+//!   peers it countersigned and keeps.
 
 pub mod admission;
 pub mod audit;
@@ -36,3 +38,4 @@ pub mod sim;
 pub mod state;
 pub mod table;
 pub mod testnet;
+pub mod witness;

@@ -246,6 +246,37 @@ pub fn render(
         "VMs on this node",
         state.vms.specs().len() as i64,
     );
+    let h = &state.head_counters;
+    for (name, help, value) in [
+        (
+            "drift_audit_heads_witnessed",
+            "Peers' audit heads this node countersigned and keeps",
+            load(&h.witnessed),
+        ),
+        (
+            "drift_audit_heads_published",
+            "Audit heads this node published",
+            load(&h.published),
+        ),
+        (
+            "drift_audit_forks",
+            "Peers seen showing two audit histories",
+            load(&h.forks),
+        ),
+    ] {
+        counter(&mut r, name, help, value);
+    }
+    let heads_rejected = Family::<ReasonLabels, Counter>::default();
+    for (reason, n) in h.rejections() {
+        heads_rejected
+            .get_or_create(&ReasonLabels { reason })
+            .inc_by(n);
+    }
+    r.register(
+        "drift_audit_heads_rejected",
+        "Audit heads refused, by reason",
+        heads_rejected,
+    );
     let mut text = String::new();
     encode_registry(&mut text, libp2p)?;
     encode_registry(&mut text, &r)?;

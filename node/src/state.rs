@@ -10,8 +10,8 @@ use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::Instant;
 
 use drift_protocol::report::Rejection;
-use drift_protocol::roster::{self, Announcement, MAX_ANNOUNCED_EPOCHS};
-use drift_protocol::{NodeId, Roster, Signed, Timestamp};
+use drift_protocol::roster::{self, Admins, Announcement, Endorsed, MAX_ANNOUNCED_EPOCHS};
+use drift_protocol::{NodeId, Roster, Timestamp};
 
 use crate::audit::AuditLog;
 use crate::durable::Overwrite;
@@ -21,10 +21,10 @@ use crate::table::Table;
 /// The roster in force and the epochs before it (for announcements).
 #[derive(Debug, Clone)]
 pub struct RosterState {
-    pub signed: Signed<Roster>,
+    pub signed: Endorsed,
     pub roster: Roster,
     /// Signed rosters up to and including the current one, oldest first, bounded.
-    pub chain: Vec<Signed<Roster>>,
+    pub chain: Vec<Endorsed>,
 }
 
 impl RosterState {
@@ -34,6 +34,21 @@ impl RosterState {
             chain: self.chain.clone(),
         }
     }
+}
+
+/// The adopted roster's file in the state directory.
+pub const ADOPTED_ROSTER: &str = "roster.current";
+/// The adopted epochs' file in the state directory.
+pub const ADOPTED_CHAIN: &str = "roster.chain";
+
+/// The roster a node starts with: the newest verified epoch and the epochs before it it can
+/// announce.
+#[derive(Debug, Clone)]
+pub struct LoadedRoster {
+    pub signed: Endorsed,
+    pub roster: Roster,
+    /// Oldest first, ending with `signed`.
+    pub chain: Vec<Endorsed>,
 }
 
 /// What changed when a roster was adopted.
@@ -78,7 +93,9 @@ impl Counters {
 #[derive(Debug)]
 pub struct NodeState {
     pub me: NodeId,
-    pub admin: NodeId,
+    /// The configured trust anchor: the admins of the roster the node loaded, and of every
+    /// epoch after one that names no admins.
+    pub trust: Admins,
     pub started: Instant,
     pub insecure_open: bool,
     pub state_dir: PathBuf,
@@ -86,6 +103,12 @@ pub struct NodeState {
     table: Mutex<Table>,
     audit: Mutex<AuditLog>,
     pub counters: Counters,
+    /// Audit heads judged (`crate::witness`).
+    pub head_counters: crate::witness::HeadCounters,
+    /// The audit heads of peers this node witnessed.
+    witness: Mutex<drift_protocol::witness::WitnessBook>,
+    /// The book changed since it was last saved.
+    pub book_changed: std::sync::atomic::AtomicBool,
     /// Event counters for `GET /metrics`.
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
     /// Peers' clocks against this host's, from their reports; and what they say of it.
@@ -104,25 +127,34 @@ impl NodeState {
     pub fn new(
         me: NodeId,
         node: &crate::config::NodeSection,
-        (signed, roster): (Signed<Roster>, Roster),
+        loaded: LoadedRoster,
         table: Table,
         audit: AuditLog,
         vms: crate::hypervisor::Vms,
     ) -> Self {
         Self {
             me,
-            admin: node.admin,
+            trust: node.trust(),
             started: Instant::now(),
             insecure_open: node.insecure_open,
             state_dir: node.state_dir.clone(),
             roster: RwLock::new(RosterState {
-                chain: vec![signed.clone()],
-                signed,
-                roster,
+                chain: loaded.chain,
+                signed: loaded.signed,
+                roster: loaded.roster,
             }),
             table: Mutex::new(table),
             audit: Mutex::new(audit),
             counters: Counters::default(),
+            head_counters: Default::default(),
+            witness: Mutex::new(match crate::witness::load_book(&node.state_dir) {
+                Ok(book) => book.unwrap_or_default(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "ignoring the saved witnessed audit heads");
+                    Default::default()
+                }
+            }),
+            book_changed: Default::default(),
             metrics: Default::default(),
             skew: Default::default(),
             clock_off: Default::default(),
@@ -168,6 +200,36 @@ impl NodeState {
         .collect()
     }
 
+    /// The audit heads of peers this node witnessed.
+    pub fn witness_book(&self) -> MutexGuard<'_, drift_protocol::witness::WitnessBook> {
+        self.witness.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Signs `value` with the node's key.
+    pub fn sign<T: drift_protocol::signed::Signable>(
+        &self,
+        value: &T,
+    ) -> drift_protocol::Signed<T> {
+        self.audit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sign(value)
+    }
+
+    /// Countersigns a peer's audit head this node accepted.
+    pub fn countersign(
+        &self,
+        head: drift_protocol::Signed<drift_protocol::witness::AuditHead>,
+    ) -> drift_protocol::witness::Witnessed {
+        let seen = crate::clock::now();
+        let countersign = self.sign(&drift_protocol::witness::Countersign {
+            head: head.hash(),
+            witness: self.me,
+            seen,
+        });
+        drift_protocol::witness::Witnessed { head, countersign }
+    }
+
     /// The newest audit record's `(seq, hash)`, if any.
     pub fn audit_head(&self) -> Option<drift_protocol::audit::Anchor> {
         self.audit.lock().unwrap_or_else(|p| p.into_inner()).head()
@@ -184,26 +246,27 @@ impl NodeState {
 
     /// The path of the adopted roster in the state directory.
     pub fn adopted_roster_path(&self) -> PathBuf {
-        self.state_dir.join("roster.current")
+        self.state_dir.join(ADOPTED_ROSTER)
+    }
+
+    /// The path of the adopted epochs (an announcement: up to the last
+    /// [`MAX_ANNOUNCED_EPOCHS`], oldest first) in the state directory.
+    pub fn adopted_chain_path(&self) -> PathBuf {
+        self.state_dir.join(ADOPTED_CHAIN)
     }
 
     /// Adopts the newest roster of `chain` that extends the current one. Persists it (atomic
     /// write) before it takes effect, and drops removed members from the table.
     pub fn adopt(
         &self,
-        chain: &[Signed<Roster>],
+        chain: &[Endorsed],
         now: Timestamp,
     ) -> Result<Option<RosterChange>, roster::RosterError> {
         let mut guard = self.roster.write().unwrap_or_else(|p| p.into_inner());
-        let walked = roster::advance(&guard.signed, &guard.roster, chain, &self.admin, now)?;
+        let walked = roster::advance(&guard.signed, &guard.roster, chain, &self.trust, now)?;
         let Some((signed, next)) = walked.last().cloned() else {
             return Ok(None);
         };
-        if let Err(e) =
-            write_signed_roster(&self.adopted_roster_path(), &signed, Overwrite::Replace)
-        {
-            tracing::warn!(error = %e, "could not persist adopted roster; using it in memory");
-        }
         let old: Vec<NodeId> = guard.roster.members.iter().map(|m| m.id).collect();
         let new: Vec<NodeId> = next.members.iter().map(|m| m.id).collect();
         let change = RosterChange {
@@ -215,6 +278,29 @@ impl NodeState {
         guard.chain.extend(walked.into_iter().map(|(s, _)| s));
         let excess = guard.chain.len().saturating_sub(MAX_ANNOUNCED_EPOCHS);
         guard.chain.drain(..excess);
+        // Persisted before it takes effect: the head (read by earlier versions and tools) and
+        // the chain that proves it from older epochs (read at restart).
+        let chain = Announcement {
+            chain: guard.chain.clone(),
+        };
+        let persisted =
+            write_signed_roster(&self.adopted_roster_path(), &signed, Overwrite::Replace).and_then(
+                |()| {
+                    crate::durable::write_atomic(
+                        &self.adopted_chain_path(),
+                        &chain.encode_frame(),
+                        0o644,
+                        Overwrite::Replace,
+                    )
+                    .map_err(|source| crate::identity::FileError::Write {
+                        path: self.adopted_chain_path(),
+                        source,
+                    })
+                },
+            );
+        if let Err(e) = persisted {
+            tracing::warn!(error = %e, "could not persist adopted roster; using it in memory");
+        }
         self.audit(drift_protocol::AuditEvent::RosterAdopted {
             epoch: next.epoch,
             hash: signed.hash(),
@@ -222,6 +308,7 @@ impl NodeState {
         guard.signed = signed;
         guard.roster = next;
         self.table().retain_members(&guard.roster);
+        self.witness_book().retain_members(&guard.roster);
         self.counters
             .rosters_adopted
             .fetch_add(1, Ordering::Relaxed);

@@ -243,6 +243,7 @@ mod tests {
             not_before: Timestamp(0),
             not_after: Timestamp(1),
             members: vec![member(b, "b"), member(a, "a")],
+            admins: None,
         };
         let mut t = Table::new(Duration::from_secs(5), Duration::from_secs(15));
         let now = Instant::now();

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use drift_protocol::{NodeId, SecretKey, Signed};
+use drift_protocol::{NodeId, SecretKey};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use rand_core::OsRng;
@@ -268,6 +268,8 @@ pub fn generate_with(
         });
     }
     let draft = RosterDraft {
+        admins: Vec::new(),
+        threshold: None,
         cluster: "testnet".into(),
         members: out
             .iter()
@@ -294,7 +296,7 @@ pub fn generate_with(
     let roster = draft.to_roster(1, None, now, now.plus_millis(365 * 86_400_000))?;
     identity::write_signed_roster(
         &dir.join("roster"),
-        &Signed::sign(&roster, &admin),
+        &drift_protocol::roster::Endorsed::sign(&roster, &admin),
         Overwrite::Replace,
     )?;
     for (i, n) in out.iter().enumerate() {

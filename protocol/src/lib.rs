@@ -13,7 +13,8 @@
 //! - [`codec`]: length-delimited, versioned frames with a hard size limit checked before any
 //!   allocation; postcard payloads that must be consumed exactly.
 //! - [`report`]: [`LoadReport`] and its validation ([`report::validate`]).
-//! - [`roster`]: the admin-signed [`Roster`] of members, its validation and its epoch chain.
+//! - [`roster`]: the admin-signed [`Roster`] of members, its validation, its epoch chain, and
+//!   the k-of-n admins that sign each epoch.
 //! - [`migration`]: [`MigrationOffer`] and [`MigrationDecision`], bound by the offer's hash.
 //! - [`dataplane`]: the data connections that carry a migration's bytes (TLS 1.3 with raw
 //!   node keys), the binding that ties each to one accepted offer, and their frames.
@@ -27,6 +28,8 @@
 //! - [`dcsim`]: a data-center simulator replaying PlanetLab days under the published
 //!   consolidation policies of Beloglazov & Buyya 2012, with CloudSim 3.0.3's metrics.
 //! - [`audit`]: [`AuditRecord`], a signed, hash-chained log entry, and the chain verifier.
+//! - [`witness`]: audit heads that peers countersign and keep, and the check of a log against
+//!   them (a rewritten, cut or forked history is named).
 //!
 //! ## Wire rules
 //!
@@ -56,6 +59,7 @@ pub mod skew;
 pub mod time;
 pub mod transfer;
 pub mod tunnel;
+pub mod witness;
 
 pub use audit::{AuditEvent, AuditRecord};
 pub use codec::{DecodeError, FrameDecoder, MAX_FRAME_LEN};

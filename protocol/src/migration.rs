@@ -536,6 +536,7 @@ mod tests {
                 host(src.public(), "src", "de"),
                 host(dst.public(), "dst", "fr"),
             ],
+            admins: None,
         };
         let offer = MigrationOffer {
             id: MigrationId::random(&mut rng),

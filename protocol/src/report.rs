@@ -296,6 +296,7 @@ mod tests {
                 m(host.public(), "h", Role::Host),
                 m(observer.public(), "o", Role::Observer),
             ],
+            admins: None,
         };
         Fixture {
             host,

@@ -24,6 +24,12 @@ use crate::keys::{SecretKey, Signature};
 pub trait Signable: Serialize + DeserializeOwned {
     /// The domain tag: the type's name and protocol version. Distinct for every type.
     const DOMAIN: &'static str;
+
+    /// Decodes a payload whose signature verified. A type with more than one encoding (a
+    /// layout of an earlier version still read) says how to tell them apart.
+    fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        codec::decode_payload(bytes)
+    }
 }
 
 /// Why a signed object was not accepted.
@@ -82,7 +88,30 @@ impl<T: Signable> Signed<T> {
         {
             return Err(VerifyError::BadSignature);
         }
-        Ok(codec::decode_payload(&self.bytes)?)
+        Ok(T::decode(&self.bytes)?)
+    }
+
+    /// Decodes the payload without checking any signature: for display and for tools that
+    /// check signatures themselves ([`Signed::verifies_for`]).
+    pub fn decode_unverified(&self) -> Result<T, DecodeError> {
+        T::decode(&self.bytes)
+    }
+
+    /// Another signature over the same payload, by `key`: how several signers endorse one
+    /// value (a roster's admins) without changing its bytes or its hash.
+    pub fn cosign(&self, key: &SecretKey) -> Signature {
+        key.sign_raw(&signing_input(T::DOMAIN, &self.bytes))
+    }
+
+    /// Whether `signature` is `signer`'s signature over this payload (the envelope's own, or
+    /// one made by [`Signed::cosign`]).
+    pub fn verifies_for(&self, signer: &NodeId, signature: &Signature) -> bool {
+        signer.verify_raw(&signing_input(T::DOMAIN, &self.bytes), signature)
+    }
+
+    /// The envelope's own signature.
+    pub fn signature(&self) -> &Signature {
+        &self.signature
     }
 
     /// [`Signed::verify`], and the signer must be `expected`.
@@ -158,6 +187,8 @@ pub const DOMAINS: &[&str] = &[
     crate::dataplane::DataBinding::DOMAIN,
     crate::transfer::recover::RecoverRequest::DOMAIN,
     crate::transfer::recover::RecoverAnswer::DOMAIN,
+    crate::witness::AuditHead::DOMAIN,
+    crate::witness::Countersign::DOMAIN,
 ];
 
 #[cfg(test)]

@@ -35,7 +35,9 @@ use drift_protocol::migration::{
     VmSummary,
 };
 use drift_protocol::report::{self, Context, Freshness, LoadReport};
-use drift_protocol::roster::{Announcement, Capacity, Member, Role, Roster};
+use drift_protocol::roster::{
+    Capacity, Endorsed, EndorsedAnnouncement, Member, PlainAnnouncement, Role, Roster,
+};
 use drift_protocol::signed::{Signable, Signed};
 use drift_protocol::time::Timestamp;
 use drift_protocol::transfer::{
@@ -156,6 +158,8 @@ const AUDIT: Bound = Bound::new(1);
 const TRANSFER: Bound = Bound::seq_of::<PageEntry>(1);
 /// Announcements: `Vec<Signed<Roster>>` and each envelope's payload buffer.
 const ANNOUNCEMENT: Bound = Bound::seq_of::<Signed<Roster>>(1);
+/// Announcements of endorsed epochs: `Vec<Endorsed>`, payload buffers and endorsements.
+const ENDORSED_ANNOUNCEMENT: Bound = Bound::seq_of::<Endorsed>(1);
 /// `report::validate`: the envelope and the signing input; a `LoadReport` allocates nothing.
 const VALIDATE: Bound = Bound::new(2);
 /// The checks of decoded values (hashes and ranges) allocate at most the leaves of one batch:
@@ -743,6 +747,7 @@ fn corpus(rng: &mut StdRng) -> (World, Vec<Item>) {
             member(rng, host.public(), Role::Host),
             member(rng, observer.public(), Role::Observer),
         ],
+        admins: None,
     };
     let mut items = Vec::new();
 
@@ -784,15 +789,27 @@ fn corpus(rng: &mut StdRng) -> (World, Vec<Item>) {
             not_before: Timestamp(0),
             not_after: Timestamp(u64::MAX),
             members,
+            admins: None,
         };
         items.push(signed_item(&r, &host));
         rosters.push(Signed::sign(&r, &host));
     }
-    items.push(item(&Announcement {
+    items.push(item(&PlainAnnouncement {
         chain: rosters.clone(),
     }));
-    items.push(item(&Announcement {
+    items.push(item(&PlainAnnouncement {
         chain: rosters[..1].to_vec(),
+    }));
+    let cosigner = SecretKey::generate(rng);
+    items.push(item(&EndorsedAnnouncement {
+        chain: rosters
+            .iter()
+            .map(|s| {
+                let mut e = Endorsed::from(s.clone());
+                e.endorse(&cosigner).expect("room for a signature");
+                e
+            })
+            .collect(),
     }));
 
     let target = node(rng);
@@ -1484,7 +1501,15 @@ impl Fuzz<'_> {
             }
         }
 
-        if let Some(announcement) = self.frame_decoders::<Announcement>(
+        let _ = self.frame_decoders::<EndorsedAnnouncement>(
+            [
+                "decode EndorsedAnnouncement",
+                "decode_exact EndorsedAnnouncement",
+            ],
+            ENDORSED_ANNOUNCEMENT,
+            input,
+        );
+        if let Some(announcement) = self.frame_decoders::<PlainAnnouncement>(
             ["decode Announcement", "decode_exact Announcement"],
             ANNOUNCEMENT,
             input,
@@ -1806,6 +1831,7 @@ fn every_decoder_survives_junk_within_its_allocation_bound() {
             "decode_exact Signed<AuditRecord>",
             "decode_exact TransferFrame",
             "decode_exact Announcement",
+            "decode_exact EndorsedAnnouncement",
             "decode_exact Signed<DataBinding>",
             "decode_exact DataFrame",
             "decode_exact DataAnswer",
@@ -1852,7 +1878,8 @@ fn peak_of_every_decoder(input: &[u8]) -> usize {
         both!(Signed<MigrationDecision>),
         both!(Signed<AuditRecord>),
         both!(TransferFrame),
-        both!(Announcement),
+        both!(PlainAnnouncement),
+        both!(EndorsedAnnouncement),
     ];
     for (r, exact) in results {
         assert!(!exact, "a frame header alone decoded");
@@ -1894,6 +1921,7 @@ fn a_header_claiming_4_gib_is_refused_before_allocating() {
             not_before: Timestamp(0),
             not_after: Timestamp(1),
             members: vec![],
+            admins: None,
         };
         let ctx = Context {
             now: Timestamp(0),
@@ -1993,7 +2021,7 @@ fn worst_cases() -> Vec<WorstCase> {
     unit.extend_from_slice(&id);
     unit.extend_from_slice(&[0; 64]);
     let (frame, count) = max_frame(&[], &unit, &[]);
-    let (r, peak, took) = peak_and_time(|| dec.decode_exact::<Announcement>(&frame));
+    let (r, peak, took) = peak_and_time(|| dec.decode_exact::<PlainAnnouncement>(&frame));
     assert!(r.is_err(), "an announcement of {count} rosters decoded");
     out.push((
         "Announcement, empty envelopes",

@@ -60,6 +60,7 @@ fn roster(members: Vec<Member>) -> Roster {
         not_before: Timestamp(0),
         not_after: Timestamp(u64::MAX),
         members,
+        admins: None,
     }
 }
 

@@ -206,6 +206,7 @@ fn roster() -> impl Strategy<Value = Roster> {
                 not_before,
                 not_after,
                 members,
+                admins: None,
             },
         )
 }
@@ -1234,6 +1235,7 @@ fn cast() -> impl Strategy<Value = Cast> {
                     member(host.public(), "host", Role::Host),
                     member(observer.public(), "observer", Role::Observer),
                 ],
+                admins: None,
             };
             Cast {
                 host,

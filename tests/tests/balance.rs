@@ -57,7 +57,7 @@ fn demand(vms: &[VmView]) -> u32 {
 /// The policy view of a starting placement: the roster and every host's VMs.
 fn policy_cluster(c: &Cluster, start: &[Vec<VmView>]) -> policy::Cluster {
     let signed = drift_node::identity::read_signed_roster(&c.path().join("roster")).unwrap();
-    let roster = signed.verify().unwrap();
+    let roster = signed.signed.verify().unwrap();
     let hosts = c
         .nodes
         .iter()

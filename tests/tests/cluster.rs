@@ -74,7 +74,7 @@ fn example_configs_load_as_written_and_as_compose_init_installs_them() {
         })
         .collect();
     let node3 = load_config(&installed);
-    assert_eq!(node3.node.admin, admin);
+    assert_eq!(node3.node.admin, drift_node::config::AdminKeys::One(admin));
     assert_eq!(node3.node.bootstrap.len(), 4);
 }
 

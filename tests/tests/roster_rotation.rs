@@ -33,14 +33,14 @@ fn next_epoch_spreads_and_revoked_member_is_cut_off() {
 
     // A well-formed next epoch signed by someone else (a member's key) is refused.
     let e1 = drift_node::identity::read_signed_roster(&dir.join("roster")).unwrap();
-    let mut forged = e1.verify().unwrap();
+    let mut forged = e1.signed.verify().unwrap();
     forged.epoch = 2;
     forged.prev = Some(e1.hash());
     forged.members.retain(|m| m.name == "node-1");
     let member_key = drift_node::identity::read_key(&dir.join("node-1/node.key")).unwrap();
     drift_node::identity::write_signed_roster(
         &dir.join("roster.forged"),
-        &drift_protocol::Signed::sign(&forged, &member_key),
+        &drift_protocol::roster::Endorsed::sign(&forged, &member_key),
         drift_node::durable::Overwrite::Refuse,
     )
     .unwrap();

@@ -42,6 +42,7 @@ fn fixture() -> Fixture {
             member(other.public(), "other", "de"),
             member(me.public(), "me", "de"),
         ],
+        admins: None,
     };
     Fixture {
         src,

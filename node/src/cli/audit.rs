@@ -1,4 +1,9 @@
-//! `drift audit show | verify`.
+//! `drift audit show | verify | witnessed`.
+//!
+//! `verify --witnesses` checks a log against the audit heads its node's peers countersigned
+//! (read from their admin sockets or from files `drift audit witnessed --out` wrote), so a node
+//! that rewrote, cut or forked its own history is named with the first witnessed head it
+//! contradicts.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -6,6 +11,9 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use drift_protocol::{AuditEvent, NodeId};
+
+use drift_protocol::codec::{encode_frame, FrameDecoder, MAX_FRAME_LEN};
+use drift_protocol::witness::{self, WitnessBook};
 
 use crate::audit::{read_head, read_log, verify_file, HEAD_FILE, LOG_FILE};
 use crate::config::Config;
@@ -17,6 +25,18 @@ pub enum AuditCommand {
     Show(ShowArgs),
     /// Check an audit log: signatures, hash chain, and the anchor; names the first bad record.
     Verify(VerifyArgs),
+    /// Print, or save for `verify --witnesses`, the audit heads of peers a running node
+    /// countersigned.
+    Witnessed(WitnessedArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WitnessedArgs {
+    #[command(flatten)]
+    pub target: super::daemon::Target,
+    /// Write the heads (signed, countersigned) to this file instead of printing them.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 /// Which log to read.
@@ -49,6 +69,32 @@ pub struct VerifyArgs {
     /// The anchor file (default: audit.head next to the log).
     #[arg(long)]
     pub head: Option<PathBuf>,
+    /// Also check the log against the heads peers witnessed: a running peer's admin socket,
+    /// or a file from `drift audit witnessed --out`. Repeatable.
+    #[arg(long = "witnesses", value_name = "SOCKET_OR_FILE", num_args = 1..)]
+    pub witnesses: Vec<PathBuf>,
+}
+
+/// The witnessed heads held by a running node (its admin socket) or saved in a file.
+fn witnesses_from(src: &std::path::Path) -> anyhow::Result<WitnessBook> {
+    use std::os::unix::fs::FileTypeExt;
+    let is_socket = std::fs::metadata(src)
+        .with_context(|| format!("witnesses {}", src.display()))?
+        .file_type()
+        .is_socket();
+    let bytes = if is_socket {
+        super::daemon::runtime()?
+            .block_on(crate::control::client::get_bytes(
+                src,
+                "/v1/audit/witnessed",
+            ))?
+            .to_vec()
+    } else {
+        std::fs::read(src).with_context(|| format!("witnesses {}", src.display()))?
+    };
+    FrameDecoder::new(MAX_FRAME_LEN * 16)
+        .decode_exact::<WitnessBook>(&bytes)
+        .with_context(|| format!("{} does not hold witnessed audit heads", src.display()))
 }
 
 fn log_path(which: &LogArgs) -> anyhow::Result<(PathBuf, Option<Config>)> {
@@ -178,8 +224,39 @@ pub(crate) fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
                 );
             }
             let summary = verify_file(&path, &node, anchor)?;
+            let witnessed = if a.witnesses.is_empty() {
+                String::new()
+            } else {
+                let mut heads = Vec::new();
+                let mut conflicts = Vec::new();
+                for src in &a.witnesses {
+                    let book = witnesses_from(src)?;
+                    heads.extend(book.heads);
+                    conflicts.extend(book.conflicts);
+                }
+                // A conflict a witness recorded is two heads it saw: check both.
+                for c in conflicts {
+                    heads.push(c.kept);
+                    heads.push(c.new);
+                }
+                let hashes: Vec<drift_protocol::Hash> = read_log(&path)?
+                    .records
+                    .iter()
+                    .map(drift_protocol::audit::chain_hash)
+                    .collect();
+                let ok = witness::check_log(&node, &hashes, &heads).map_err(|e| {
+                    anyhow::anyhow!(
+                        "{} contradicts what its peers witnessed: {e}",
+                        path.display()
+                    )
+                })?;
+                format!(
+                    "; consistent with {} head(s) witnessed by {} peer(s)",
+                    ok.heads, ok.witnesses
+                )
+            };
             println!(
-                "ok: {} records signed by {}, chained{}",
+                "ok: {} records signed by {}, chained{}{witnessed}",
                 summary.records,
                 node,
                 match (summary.head, anchor) {
@@ -188,6 +265,52 @@ pub(crate) fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
                     _ => String::new(),
                 }
             );
+        }
+        AuditCommand::Witnessed(a) => {
+            let socket = a.target.socket()?;
+            let book = witnesses_from(&socket)?;
+            if let Some(out) = &a.out {
+                crate::durable::write_atomic(
+                    out,
+                    &encode_frame(&book),
+                    0o644,
+                    crate::durable::Overwrite::Replace,
+                )
+                .with_context(|| format!("cannot write {}", out.display()))?;
+                eprintln!(
+                    "wrote {} witnessed head(s) and {} conflict(s) to {}",
+                    book.heads.len(),
+                    book.conflicts.len(),
+                    out.display()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut rows = Vec::new();
+            for w in &book.heads {
+                if let Ok(c) = w.check() {
+                    rows.push(vec![
+                        c.head.node.short(),
+                        c.head.seq.to_string(),
+                        c.head.hash.short(),
+                        c.seen.to_string(),
+                    ]);
+                }
+            }
+            print!(
+                "{}",
+                super::table::render(&["NODE", "SEQ", "HASH", "SEEN"], &rows)
+            );
+            for c in &book.conflicts {
+                if let (Ok(a), Ok(b)) = (c.kept.check(), c.new.check()) {
+                    println!(
+                        "CONFLICT: {} showed record {} as {} and as {}",
+                        a.head.node,
+                        a.head.seq,
+                        a.head.hash.short(),
+                        b.head.hash.short()
+                    );
+                }
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -129,16 +129,22 @@ fn check_roster(r: &mut Report, config: &Config, me: Option<drift_protocol::Node
         Err(e) => return r.add(Verdict::Fail, "roster", e.to_string()),
     };
     let now = crate::clock::now();
-    let roster = match roster::verify(&signed, &config.node.admin, Some(now)) {
+    let trust = config.node.trust();
+    let roster = match roster::verify(&signed, &trust, Some(now)) {
         Ok(roster) => roster,
         Err(e) => {
             return r.add(
                 Verdict::Fail,
                 "roster",
                 format!(
-                    "{}: {e} (the config's admin is {})",
+                    "{}: {e} (the config trusts {trust}: {})",
                     path.display(),
-                    config.node.admin
+                    trust
+                        .keys
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             )
         }
@@ -160,7 +166,7 @@ fn check_roster(r: &mut Report, config: &Config, me: Option<drift_protocol::Node
         Verdict::Ok,
         "roster",
         format!(
-            "{}: cluster {}, epoch {}, {} members, signed by the admin, {expiry}",
+            "{}: cluster {}, epoch {}, {} members, signed by {trust}, {expiry}",
             path.display(),
             roster.cluster,
             roster.epoch,

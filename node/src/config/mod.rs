@@ -78,6 +78,14 @@ pub struct QemuSection {
     pub image_dirs: Vec<PathBuf>,
 }
 
+/// `[node] admin`: one admin id, or several.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum AdminKeys {
+    One(NodeId),
+    Many(Vec<NodeId>),
+}
+
 /// Identity, membership and network.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -86,8 +94,13 @@ pub struct NodeSection {
     pub key: PathBuf,
     /// The signed roster file, from `drift roster sign`.
     pub roster: PathBuf,
-    /// The cluster admin's public id: the only key whose rosters this node accepts.
-    pub admin: NodeId,
+    /// The trust anchor: the cluster admin's public id, or a list of admin ids of which
+    /// `admin_threshold` must sign the roster this node loads (and every epoch after a roster
+    /// that names no admins of its own).
+    pub admin: AdminKeys,
+    /// With a list of admins: how many of them must sign (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_threshold: Option<u8>,
     /// Where the node keeps state: adopted rosters, audit log, migration records.
     pub state_dir: PathBuf,
     /// Addresses to listen on, e.g. `/ip4/0.0.0.0/tcp/7400` and `/ip4/0.0.0.0/udp/7400/quic-v1`.
@@ -105,6 +118,20 @@ pub struct NodeSection {
     /// At most this many established connections.
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
+}
+
+impl NodeSection {
+    /// The admins this node trusts for the roster it loads.
+    pub fn trust(&self) -> drift_protocol::roster::Admins {
+        let keys = match &self.admin {
+            AdminKeys::One(k) => vec![*k],
+            AdminKeys::Many(ks) => ks.clone(),
+        };
+        drift_protocol::roster::Admins {
+            keys,
+            threshold: self.admin_threshold.unwrap_or(1),
+        }
+    }
 }
 
 /// The local admin API.
@@ -191,6 +218,10 @@ pub struct GossipSection {
     /// Reports issued further than this in the future are refused (clock skew bound).
     #[serde(with = "humantime_serde", default = "default_max_skew")]
     pub max_clock_skew: Duration,
+    /// How often the node checks whether its audit log grew and, if so, publishes its signed
+    /// head for its peers to witness (at least once a minute regardless).
+    #[serde(with = "humantime_serde", default = "default_audit_head_interval")]
+    pub audit_head_interval: Duration,
 }
 
 impl Default for GossipSection {
@@ -200,6 +231,7 @@ impl Default for GossipSection {
             gone_after: default_gone_after(),
             max_report_age: default_max_age(),
             max_clock_skew: default_max_skew(),
+            audit_head_interval: default_audit_head_interval(),
         }
     }
 }
@@ -493,6 +525,10 @@ fn default_max_skew() -> Duration {
     Duration::from_secs(5)
 }
 
+fn default_audit_head_interval() -> Duration {
+    Duration::from_secs(10)
+}
+
 impl Config {
     /// Reads, parses, resolves relative paths and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -548,6 +584,17 @@ impl Config {
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
         let l = &self.load;
         let g = &self.gossip;
+        if let Err(e) = self.node.trust().check() {
+            return Err(("node.admin", e.to_string()));
+        }
+        if g.audit_head_interval < Duration::from_millis(100)
+            || g.audit_head_interval > Duration::from_secs(3600)
+        {
+            return Err((
+                "gossip.audit_head_interval",
+                "must be between 100ms and 1h".into(),
+            ));
+        }
         if self.node.listen.is_empty() {
             return Err(("node.listen", "needs at least one address".into()));
         }

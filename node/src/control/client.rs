@@ -108,6 +108,12 @@ pub async fn post<T: DeserializeOwned>(
 
 /// `GET path`, the body as text (e.g. `/metrics`).
 pub async fn get_text(socket: &Path, path: &str) -> Result<String, ClientError> {
+    let body = get_bytes(socket, path).await?;
+    String::from_utf8(body.to_vec()).map_err(|e| ClientError::Http(e.to_string()))
+}
+
+/// `GET path`, the body as bytes (for binary answers such as witnessed audit heads).
+pub async fn get_bytes(socket: &Path, path: &str) -> Result<Bytes, ClientError> {
     let req = Request::builder()
         .method(hyper::Method::GET)
         .uri(path)
@@ -116,5 +122,5 @@ pub async fn get_text(socket: &Path, path: &str) -> Result<String, ClientError> 
         .map_err(|e| ClientError::Http(e.to_string()))?;
     let (status, body) = call(socket, req).await?;
     check(status, &body)?;
-    String::from_utf8(body.to_vec()).map_err(|e| ClientError::Http(e.to_string()))
+    Ok(body)
 }

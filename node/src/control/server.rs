@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use drift_protocol::codec::FrameDecoder;
-use drift_protocol::{Roster, Signed};
+use drift_protocol::roster::Endorsed;
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
@@ -100,6 +100,7 @@ pub async fn bind(
         .route("/v1/migrations", get(list_migrations).post(start_migration))
         .route("/v1/migrations/{id}/cancel", post(cancel_migration))
         .route("/v1/decisions", get(list_decisions))
+        .route("/v1/audit/witnessed", get(witnessed))
         .route("/metrics", get(metrics))
         .with_state(App {
             state,
@@ -118,6 +119,18 @@ pub async fn bind(
         }
         let _ = std::fs::remove_file(&path);
     }))
+}
+
+/// `GET /v1/audit/witnessed`: the audit heads of peers this node countersigned, and the
+/// conflicts it saw, as one codec frame (`drift_protocol::witness::WitnessBook`): signed
+/// objects, checked by whoever reads them.
+async fn witnessed(State(app): State<App>) -> Response {
+    let book = app.state.witness_book().clone();
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+        drift_protocol::codec::encode_frame(&book),
+    )
+        .into_response()
 }
 
 async fn metrics(State(app): State<App>) -> Response {
@@ -240,7 +253,7 @@ async fn table(State(app): State<App>) -> Response {
 }
 
 async fn push_roster(State(app): State<App>, body: Bytes) -> Response {
-    let signed: Signed<Roster> = match FrameDecoder::new(MAX_GOSSIP_MESSAGE).decode_exact(&body) {
+    let signed = match Endorsed::decode_frame(&FrameDecoder::new(MAX_GOSSIP_MESSAGE), &body) {
         Ok(s) => s,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("not a signed roster: {e}")),
     };

@@ -21,6 +21,8 @@ use libp2p::{identify, PeerId};
 pub const REPORT_TOPIC: &str = "drift/load-reports/v1";
 /// Gossip topic of roster announcements.
 pub const ROSTER_TOPIC: &str = "drift/roster/v1";
+/// Gossip topic of signed audit heads (`crate::witness`).
+pub const AUDIT_HEAD_TOPIC: &str = "drift/audit-heads/v1";
 /// The largest gossip message (a roster announcement of several epochs); load reports are
 /// refused by validation above 512 bytes.
 pub const MAX_GOSSIP_MESSAGE: usize = 1024 * 1024;
@@ -102,7 +104,7 @@ fn gossipsub() -> Result<gossipsub::Behaviour, String> {
         ip_colocation_factor_weight: 0.0,
         ..Default::default()
     };
-    for topic in [REPORT_TOPIC, ROSTER_TOPIC] {
+    for topic in [REPORT_TOPIC, ROSTER_TOPIC, AUDIT_HEAD_TOPIC] {
         params
             .topics
             .insert(IdentTopic::new(topic).hash(), topic_params.clone());

@@ -23,7 +23,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use drift_protocol::codec::{encode_frame, FrameDecoder};
+use drift_protocol::codec::FrameDecoder;
 use drift_protocol::report::{self, Freshness, Rejection};
 use drift_protocol::roster::Announcement;
 use drift_protocol::{NodeId, SecretKey, Timestamp};
@@ -37,7 +37,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-pub use behaviour::{keypair, node_id, peer_id, MAX_GOSSIP_MESSAGE, REPORT_TOPIC, ROSTER_TOPIC};
+pub use behaviour::{
+    keypair, node_id, peer_id, AUDIT_HEAD_TOPIC, MAX_GOSSIP_MESSAGE, REPORT_TOPIC, ROSTER_TOPIC,
+};
 use behaviour::{Behaviour, BehaviourEvent};
 
 use crate::state::{NodeState, RosterChange};
@@ -85,6 +87,7 @@ pub struct PeerInfo {
 pub enum Topic {
     Reports,
     Roster,
+    AuditHeads,
 }
 
 #[derive(Debug)]
@@ -277,7 +280,8 @@ pub fn spawn(
 
     let report_topic = IdentTopic::new(REPORT_TOPIC);
     let roster_topic = IdentTopic::new(ROSTER_TOPIC);
-    for topic in [&report_topic, &roster_topic] {
+    let head_topic = IdentTopic::new(AUDIT_HEAD_TOPIC);
+    for topic in [&report_topic, &roster_topic, &head_topic] {
         swarm
             .behaviour_mut()
             .gossipsub
@@ -320,6 +324,7 @@ pub fn spawn(
         listen_addrs: Vec::new(),
         report_topic,
         roster_topic,
+        head_topic,
         freshness: config.freshness,
         cancel,
         last_announce: None,
@@ -364,6 +369,7 @@ struct EventLoop {
     listen_addrs: Vec<Multiaddr>,
     report_topic: IdentTopic,
     roster_topic: IdentTopic,
+    head_topic: IdentTopic,
     freshness: Freshness,
     cancel: CancellationToken,
     last_announce: Option<Instant>,
@@ -417,7 +423,7 @@ impl EventLoop {
 
     fn announce_roster(&mut self) {
         self.last_announce = Some(Instant::now());
-        let data = encode_frame(&self.state.roster().announcement());
+        let data = self.state.roster().announcement().encode_frame();
         let topic = self.roster_topic.clone();
         if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(topic, data) {
             debug!(error = %e, "roster announcement not sent");
@@ -430,6 +436,7 @@ impl EventLoop {
                 let topic = match topic {
                     Topic::Reports => self.report_topic.clone(),
                     Topic::Roster => self.roster_topic.clone(),
+                    Topic::AuditHeads => self.head_topic.clone(),
                 };
                 let result = self
                     .swarm
@@ -532,6 +539,12 @@ impl EventLoop {
                     self.on_report(&message.data)
                 } else if message.topic == self.roster_topic.hash() {
                     self.on_roster(&message.data)
+                } else if message.topic == self.head_topic.hash() {
+                    match crate::witness::on_head(&self.state, &message.data) {
+                        crate::witness::Verdict::Accept => MessageAcceptance::Accept,
+                        crate::witness::Verdict::Ignore => MessageAcceptance::Ignore,
+                        crate::witness::Verdict::Reject => MessageAcceptance::Reject,
+                    }
                 } else {
                     MessageAcceptance::Reject
                 };
@@ -711,7 +724,7 @@ impl EventLoop {
 
     fn on_roster(&mut self, data: &[u8]) -> MessageAcceptance {
         let Ok(announcement) =
-            FrameDecoder::new(MAX_GOSSIP_MESSAGE).decode_exact::<Announcement>(data)
+            Announcement::decode_frame(&FrameDecoder::new(MAX_GOSSIP_MESSAGE), data)
         else {
             self.state
                 .counters

@@ -498,6 +498,7 @@ pub fn skewed_cluster<R: RngCore + SeedableRng>(spec: &SkewSpec) -> Result<Clust
         not_before: Timestamp(0),
         not_after: Timestamp(u64::MAX),
         members,
+        admins: None,
     };
     let cluster = Cluster {
         roster,
