@@ -295,6 +295,7 @@ pub async fn run(
             _ = cancel.cancelled() => break,
             _ = tick.tick() => {}
         }
+        crate::migration::buffers::trim_idle(crate::migration::buffers::IDLE);
         let sample = monitor.sample();
         let epoch = state.roster().roster.epoch;
         let mut report = build_report(state.me, seq, crate::clock::now(), epoch, &sample);
