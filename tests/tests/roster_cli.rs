@@ -135,4 +135,17 @@ fn operator_builds_verifies_and_rotates_a_roster() {
     // Missing files are named.
     let out = drift(&["roster", "show", &p("missing.roster")]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.roster"));
+    let out = drift(&[
+        "audit",
+        "verify",
+        "--file",
+        &p("missing.log"),
+        "--node",
+        &admin_id,
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no audit log at"),
+        "{out:?}"
+    );
 }

@@ -61,6 +61,16 @@ fn witnessed_seqs(socket: &Path, node: &NodeId) -> Vec<u64> {
         .unwrap_or_default()
 }
 
+/// `drift audit verify --config CONFIG --witnesses S ...`.
+fn verify_against(config: &str, sources: &[&Path]) -> std::process::Output {
+    let mut args = vec!["audit", "verify", "--config", config];
+    for s in sources {
+        args.push("--witnesses");
+        args.push(s.to_str().unwrap());
+    }
+    drift(&args)
+}
+
 /// Replaces a stopped node's audit log by a different history of `len` records, consistently
 /// signed with its own key and anchored, as a thief of its key would.
 fn rewrite_log(state_dir: &Path, key: &SecretKey, len: u64) {
@@ -93,17 +103,9 @@ fn a_node_that_rewrites_its_log_and_restarts_is_caught_by_its_witnesses() {
         })
         .unwrap_or_else(|| panic!("node-{} witnesses node-3's head", i + 1));
     }
-    let ok = drift_ok(&[
-        "audit",
-        "verify",
-        "--config",
-        &config,
-        "--witnesses",
-        sock(0).to_str().unwrap(),
-        "--witnesses",
-        sock(1).to_str().unwrap(),
-    ]);
-    assert!(ok.contains("witnessed by 2 peer(s)"), "{ok}");
+    let out = verify_against(&config, &[&sock(0), &sock(1)]);
+    let ok = String::from_utf8_lossy(&out.stdout);
+    assert!(ok.contains("witnessed by 2 peer(s)"), "{out:?}");
 
     // node-3 stops, rewrites its whole history under its own key, and comes back.
     assert!(c.nodes[2].terminate(Duration::from_secs(10)));
@@ -119,16 +121,7 @@ fn a_node_that_rewrites_its_log_and_restarts_is_caught_by_its_witnesses() {
     let alone = drift_ok(&["audit", "verify", "--config", &config]);
     assert!(alone.starts_with("ok: "), "{alone}");
     // Against its witnesses it does not, and the first contradicted head is named.
-    let out = drift(&[
-        "audit",
-        "verify",
-        "--config",
-        &config,
-        "--witnesses",
-        sock(0).to_str().unwrap(),
-        "--witnesses",
-        sock(1).to_str().unwrap(),
-    ]);
+    let out = verify_against(&config, &[&sock(0), &sock(1)]);
     assert_eq!(out.status.code(), Some(1), "a rewritten log passed");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -197,18 +190,10 @@ fn a_history_forked_between_two_peers_is_caught() {
     .expect("node-2 witnesses node-3");
 
     // Either peer alone agrees with one history; together they expose the fork.
-    let with = |sources: &[&str]| {
-        let mut args = vec!["audit", "verify", "--config", &config];
-        for s in sources {
-            args.push("--witnesses");
-            args.push(s);
-        }
-        drift(&args)
-    };
-    let s2 = sock(&c, 1).to_str().unwrap().to_string();
-    let out = with(&[&s2]);
+    let s2 = sock(&c, 1);
+    let out = verify_against(&config, &[&s2]);
     assert!(out.status.success(), "{out:?}");
-    let out = with(&[export.to_str().unwrap(), &s2]);
+    let out = verify_against(&config, &[&export, &s2]);
     assert_eq!(out.status.code(), Some(1), "a forked history passed");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

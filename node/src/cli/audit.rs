@@ -98,14 +98,19 @@ fn witnesses_from(src: &std::path::Path) -> anyhow::Result<WitnessBook> {
 }
 
 fn log_path(which: &LogArgs) -> anyhow::Result<(PathBuf, Option<Config>)> {
-    match (&which.config, &which.file) {
+    let (path, config) = match (&which.config, &which.file) {
         (Some(c), _) => {
             let config = Config::load(c)?;
-            Ok((config.node.state_dir.join(LOG_FILE), Some(config)))
+            (config.node.state_dir.join(LOG_FILE), Some(config))
         }
-        (None, Some(l)) => Ok((l.clone(), None)),
+        (None, Some(l)) => (l.clone(), None),
         (None, None) => bail!("name the log with --config FILE or --file FILE"),
+    };
+    // A node starts an empty log where none exists; a reader is told there is none.
+    if !path.exists() {
+        bail!("no audit log at {}", path.display());
     }
+    Ok((path, config))
 }
 
 fn describe(e: &AuditEvent) -> String {
