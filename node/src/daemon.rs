@@ -33,13 +33,20 @@ use crate::table::Table;
 pub enum StartError {
     #[error(transparent)]
     File(#[from] FileError),
-    #[error("cannot create state directory {path}: {source}")]
+    #[error("cannot create state directory {path}: {cause}")]
     StateDir {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("roster {path} is not acceptable: {source}")]
-    Roster { path: PathBuf, source: RosterError },
+    #[error("cannot open {path} in the state directory: {cause}")]
+    StateFile {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+    #[error("cannot find this program's own path (needed to start VMMs): {cause}")]
+    OwnPath { cause: std::io::Error },
+    #[error("roster {path} is not acceptable: {cause}")]
+    Roster { path: PathBuf, cause: RosterError },
     #[error(
         "this node ({id}) is not a member of roster epoch {epoch}; add it with `drift roster add` \
          and sign a new epoch (or set node.insecure_open for experiments)"
@@ -47,8 +54,9 @@ pub enum StartError {
     NotAMember { id: String, epoch: u64 },
     #[error("{0}")]
     Monitor(String),
+    // Not `#[from]`: a source would be printed a second time after the hint.
     #[error("{0}; move the audit log aside to start a new one")]
-    Audit(#[from] crate::audit::AuditError),
+    Audit(crate::audit::AuditError),
     #[error(transparent)]
     Mesh(#[from] MeshError),
     #[error(transparent)]
@@ -59,6 +67,12 @@ pub enum StartError {
     Migrations(#[from] crate::migration::service::ServiceError),
     #[error(transparent)]
     Data(#[from] crate::dataplane::DataPlaneError),
+}
+
+impl From<crate::audit::AuditError> for StartError {
+    fn from(e: crate::audit::AuditError) -> Self {
+        StartError::Audit(e)
+    }
 }
 
 /// A started node.
@@ -94,7 +108,7 @@ fn load_roster(config: &Config) -> Result<LoadedRoster, StartError> {
     let signed = read_signed_roster(path)?;
     let r = roster::verify(&signed, &trust, Some(now)).map_err(|source| StartError::Roster {
         path: path.clone(),
-        source,
+        cause: source,
     })?;
     let configured = LoadedRoster {
         chain: vec![signed.clone()],
@@ -199,7 +213,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .and_then(|()| std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700)))
         .map_err(|source| StartError::StateDir {
             path: state_dir.clone(),
-            source,
+            cause: source,
         })?;
     // One node per state directory, checked before anything in it is touched.
     let lock_path = state_dir.join("lock");
@@ -208,9 +222,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .truncate(false)
         .write(true)
         .open(&lock_path)
-        .map_err(|source| StartError::StateDir {
+        .map_err(|source| StartError::StateFile {
             path: lock_path.clone(),
-            source,
+            cause: source,
         })?;
     let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
         .map_err(|_| StartError::Locked(state_dir.clone()))?;
@@ -231,10 +245,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let members = roster.members.len();
     let table = Table::new(config.gossip.suspect_after, config.gossip.gone_after);
     let audit = AuditLog::open(&state_dir, key.clone())?;
-    let exe = std::env::current_exe().map_err(|source| StartError::StateDir {
-        path: PathBuf::from("/proc/self/exe"),
-        source,
-    })?;
+    let exe = std::env::current_exe().map_err(|cause| StartError::OwnPath { cause })?;
     let vms = crate::hypervisor::Vms::new(state_dir.join("vms"), exe);
     vms.scan();
     let roster_hash = loaded.signed.hash();

@@ -25,10 +25,10 @@ use crate::durable::{write_atomic, Overwrite};
 /// What went wrong with a key or roster file.
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: io::Error },
-    #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: io::Error },
+    #[error("cannot read {path}: {cause}")]
+    Read { path: PathBuf, cause: io::Error },
+    #[error("cannot write {path}: {cause}")]
+    Write { path: PathBuf, cause: io::Error },
     #[error("{path} already exists (use --force to replace it)")]
     Exists { path: PathBuf },
     #[error(
@@ -36,20 +36,27 @@ pub enum FileError {
          run `chmod 600 {path}`"
     )]
     Permissions { path: PathBuf, mode: u32 },
-    #[error("{path} does not hold a drift secret key: {source}")]
-    BadKey { path: PathBuf, source: KeyError },
+    #[error("{path} does not hold a drift secret key: {cause}")]
+    BadKey { path: PathBuf, cause: KeyError },
     #[error("{path} is not a roster draft: {reason}")]
     BadDraft { path: PathBuf, reason: String },
-    #[error("{path} is not a signed roster: {source}")]
-    BadSignedRoster { path: PathBuf, source: DecodeError },
+    #[error("{path} is not a signed roster: {cause}")]
+    BadSignedRoster { path: PathBuf, cause: DecodeError },
+    // Not `#[from]`: a source would be printed a second time.
     #[error("roster is invalid: {0}")]
-    Roster(#[from] RosterError),
+    Roster(RosterError),
+}
+
+impl From<RosterError> for FileError {
+    fn from(e: RosterError) -> Self {
+        FileError::Roster(e)
+    }
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, FileError> {
     fs::read(path).map_err(|source| FileError::Read {
         path: path.to_owned(),
-        source,
+        cause: source,
     })
 }
 
@@ -62,7 +69,7 @@ fn write(path: &Path, bytes: &[u8], mode: u32, overwrite: Overwrite) -> Result<(
         } else {
             FileError::Write {
                 path: path.to_owned(),
-                source,
+                cause: source,
             }
         }
     })
@@ -82,7 +89,7 @@ pub fn write_key(path: &Path, key: &SecretKey, overwrite: Overwrite) -> Result<(
 pub fn read_key(path: &Path) -> Result<SecretKey, FileError> {
     let meta = fs::metadata(path).map_err(|source| FileError::Read {
         path: path.to_owned(),
-        source,
+        cause: source,
     })?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
@@ -94,7 +101,7 @@ pub fn read_key(path: &Path) -> Result<SecretKey, FileError> {
     let bytes = zeroize::Zeroizing::new(read(path)?);
     let text = std::str::from_utf8(&bytes).map_err(|_| FileError::BadKey {
         path: path.to_owned(),
-        source: KeyError::Hex,
+        cause: KeyError::Hex,
     })?;
     let line = text
         .lines()
@@ -103,7 +110,7 @@ pub fn read_key(path: &Path) -> Result<SecretKey, FileError> {
         .unwrap_or("");
     SecretKey::from_hex(line).map_err(|source| FileError::BadKey {
         path: path.to_owned(),
-        source,
+        cause: source,
     })
 }
 
@@ -253,7 +260,7 @@ pub fn read_signed_roster(path: &Path) -> Result<Endorsed, FileError> {
     Endorsed::decode_frame(&FrameDecoder::new(MAX_FRAME_LEN), &bytes).map_err(|source| {
         FileError::BadSignedRoster {
             path: path.to_owned(),
-            source,
+            cause: source,
         }
     })
 }
@@ -271,6 +278,16 @@ pub fn write_signed_roster(
 mod tests {
     use super::*;
     use rand_core::OsRng;
+
+    #[test]
+    fn a_file_error_names_its_cause_once() {
+        // `drift` prints errors with `{:#}`, which appends every source in the chain.
+        let dir = tempfile::tempdir().unwrap();
+        let err = anyhow::Error::from(read_key(&dir.path().join("missing.key")).unwrap_err());
+        let shown = format!("{err:#}");
+        assert!(shown.contains("missing.key"), "{shown}");
+        assert_eq!(shown.matches("os error").count(), 1, "{shown}");
+    }
 
     #[test]
     fn key_files_are_private_and_checked() {

@@ -294,7 +294,7 @@ impl NodeState {
                     )
                     .map_err(|source| crate::identity::FileError::Write {
                         path: self.adopted_chain_path(),
-                        source,
+                        cause: source,
                     })
                 },
             );

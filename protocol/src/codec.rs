@@ -37,7 +37,7 @@ pub enum DecodeError {
     Version(u8),
     #[error("frame truncated: need {need} bytes, have {have}")]
     Truncated { need: usize, have: usize },
-    #[error("{0} trailing bytes after the value")]
+    #[error("{0} trailing byte(s) after the value")]
     TrailingBytes(usize),
     #[error("payload is not in canonical form")]
     NotCanonical,

@@ -237,8 +237,9 @@ pub enum RejectReason {
     Replayed,
     #[error("offer is for roster epoch {offer}, this node is at {mine}")]
     EpochMismatch { offer: u64, mine: u64 },
+    // Not `#[from]`: a source would be printed a second time by `{:#}`.
     #[error("placement: {0}")]
-    Placement(#[from] PlacementViolation),
+    Placement(PlacementViolation),
     #[error("too many migrations in progress")]
     Busy,
     #[error("too many offers from this source; try later")]
@@ -253,6 +254,12 @@ pub enum RejectReason {
     BackedOff,
     #[error("this host is draining its VMs to consolidate: it takes none")]
     Draining,
+}
+
+impl From<PlacementViolation> for RejectReason {
+    fn from(v: PlacementViolation) -> Self {
+        RejectReason::Placement(v)
+    }
 }
 
 impl RejectReason {

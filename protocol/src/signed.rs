@@ -39,8 +39,15 @@ pub enum VerifyError {
     BadSignature,
     #[error("signed by {got}, expected {expected}")]
     WrongSigner { expected: NodeId, got: NodeId },
+    // Not `#[from]`: a source would be printed a second time by `{:#}`.
     #[error("signed payload is malformed: {0}")]
-    Malformed(#[from] DecodeError),
+    Malformed(DecodeError),
+}
+
+impl From<DecodeError> for VerifyError {
+    fn from(e: DecodeError) -> Self {
+        VerifyError::Malformed(e)
+    }
 }
 
 /// A value of type `T`, encoded, with its signer and signature.

@@ -430,6 +430,8 @@ fn show(path: &Path, json: bool) -> anyhow::Result<()> {
             let draft = RosterDraft::from_roster(&r);
             (Some(signed), Some(r), draft)
         }
+        // A draft is text; a file that is not is a damaged signed roster, and says so.
+        Err(e) if std::fs::read_to_string(path).is_err() => return Err(e.into()),
         Err(_) => (None, None, read_draft(path)?),
     };
     if json {

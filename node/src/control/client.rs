@@ -29,8 +29,15 @@ pub enum ClientError {
     Status { status: u16, message: String },
     #[error("talking to the daemon: {0}")]
     Http(String),
+    // Not `#[from]`: a source would be printed a second time.
     #[error("the daemon's answer does not parse: {0}")]
-    Decode(#[from] serde_json::Error),
+    Decode(serde_json::Error),
+}
+
+impl From<serde_json::Error> for ClientError {
+    fn from(e: serde_json::Error) -> Self {
+        ClientError::Decode(e)
+    }
 }
 
 async fn call(socket: &Path, req: Request<Full<Bytes>>) -> Result<(u16, Bytes), ClientError> {

@@ -50,15 +50,15 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 pub enum ServeError {
     #[error("another drift daemon is already listening on {0}")]
     InUse(PathBuf),
-    #[error("cannot create the admin socket {path}: {source}")]
+    #[error("cannot create the admin socket {path}: {cause}")]
     Bind {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("cannot listen for metrics on {addr} ([control] metrics_listen): {source}")]
+    #[error("cannot listen for metrics on {addr} ([control] metrics_listen): {cause}")]
     MetricsBind {
         addr: std::net::SocketAddr,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -74,7 +74,7 @@ pub async fn bind(
 ) -> Result<tokio::task::JoinHandle<()>, ServeError> {
     let bind_err = |source| ServeError::Bind {
         path: path.to_owned(),
-        source,
+        cause: source,
     };
     if path.exists() {
         if tokio::net::UnixStream::connect(path).await.is_ok() {
@@ -165,7 +165,10 @@ pub async fn serve_metrics(
 ) -> Result<tokio::task::JoinHandle<()>, ServeError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|source| ServeError::MetricsBind { addr, source })?;
+        .map_err(|source| ServeError::MetricsBind {
+            addr,
+            cause: source,
+        })?;
     let app = Router::new().route(
         "/metrics",
         get(move || {

@@ -237,10 +237,10 @@ impl std::fmt::Debug for DataPlane {
 /// Why the data plane could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DataPlaneError {
-    #[error("data.listen {addr}: {source}")]
+    #[error("data.listen {addr}: {cause}")]
     Bind {
         addr: SocketAddr,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error(transparent)]
     Tls(#[from] tls::TlsSetupError),
@@ -268,13 +268,13 @@ impl DataPlane {
                 .await
                 .map_err(|source| DataPlaneError::Bind {
                     addr: config.listen,
-                    source,
+                    cause: source,
                 })?;
         let local = listener
             .local_addr()
             .map_err(|source| DataPlaneError::Bind {
                 addr: config.listen,
-                source,
+                cause: source,
             })?;
         let members = state.clone();
         let server = tls::server_config(

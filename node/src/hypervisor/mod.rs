@@ -148,10 +148,10 @@ pub enum HypervisorError {
     TooMany,
     #[error("VMM of {vm}: {message}")]
     Vmm { vm: String, message: String },
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -374,7 +374,7 @@ impl Vms {
     fn write_dir(&self, dir: &Path, spec_text: &str) -> Result<(), HypervisorError> {
         let io = |source| HypervisorError::Io {
             path: dir.to_owned(),
-            source,
+            cause: source,
         };
         std::fs::create_dir_all(dir).map_err(io)?;
         write_atomic(
@@ -390,7 +390,10 @@ impl Vms {
     fn spawn(&self, dir: &Path, spec_text: &str) -> Result<(), HypervisorError> {
         let io = |path: &Path| {
             let path = path.to_owned();
-            move |source| HypervisorError::Io { path, source }
+            move |source| HypervisorError::Io {
+                path,
+                cause: source,
+            }
         };
         self.write_dir(dir, spec_text)?;
         let log = std::fs::File::create(dir.join("vmm.log")).map_err(io(dir))?;
@@ -504,7 +507,7 @@ impl Vms {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(HypervisorError::Io {
                     path: dir,
-                    source: e,
+                    cause: e,
                 })
             }
             _ => {}

@@ -411,7 +411,10 @@ impl QemuVms {
         q.validate()?;
         let io = |path: &Path| {
             let path = path.to_owned();
-            move |source| HypervisorError::Io { path, source }
+            move |source| HypervisorError::Io {
+                path,
+                cause: source,
+            }
         };
         socket_path_fits(&dir.join(QMP_SOCKET)).map_err(io(dir))?;
         socket_path_fits(&dir.join(tunnel_socket_example())).map_err(io(dir))?;

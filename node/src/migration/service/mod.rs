@@ -186,10 +186,10 @@ pub enum MigrateError {
 /// Why the migration service could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
-    #[error("migration records in {path}: {source}")]
+    #[error("migration records in {path}: {cause}")]
     Records {
         path: std::path::PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{0}")]
     Fault(String),
@@ -256,7 +256,7 @@ impl Migrations {
         let dir = state.state_dir.join("migrations");
         let (records, problems) = Records::open(&dir).map_err(|source| ServiceError::Records {
             path: dir.clone(),
-            source,
+            cause: source,
         })?;
         let records = records.with_metrics(state.metrics.clone());
         for p in problems {
