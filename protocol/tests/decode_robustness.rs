@@ -1321,13 +1321,13 @@ impl Fuzz<'_> {
             payload,
             origin,
             |r: &Result<T, DecodeError>| r.is_ok(),
-            || codec::decode_payload::<T>(payload),
+            || T::decode(payload),
         );
         // A signature check can only hand out a value when the payload decodes: those always
         // get one; envelopes whose payload does not (their check must fail) get one under the
         // type picked for this input. (Verifying every envelope under all eight domains would
         // cost eight signature checks per input for no more coverage: the inner decoding is
-        // `decode_payload`, which runs above for every type.)
+        // `Signable::decode`, which runs above for every type.)
         if (decoded.is_ok() || always_verify) && self.budget.allow(&mut self.stats) {
             let verified = self.stats.run(
                 names[1],
@@ -1523,7 +1523,7 @@ impl Fuzz<'_> {
                     payload,
                     origin,
                     |r: &Result<Roster, DecodeError>| r.is_ok(),
-                    || codec::decode_payload::<Roster>(payload),
+                    || <Roster as Signable>::decode(payload),
                 );
             }
         }
@@ -2037,7 +2037,7 @@ fn worst_cases() -> Vec<WorstCase> {
     // cluster "c", epoch 1, no prev, not_before 0, not_after 1, then the members.
     let (frame, count) = max_frame(&[1, b'c', 1, 0, 0, 1], &unit, &[]);
     let payload = &frame[5..];
-    let (r, peak, took) = peak_and_time(|| codec::decode_payload::<Roster>(payload));
+    let (r, peak, took) = peak_and_time(|| <Roster as Signable>::decode(payload));
     assert!(r.is_err(), "a roster of {count} members decoded");
     out.push((
         "Roster payload, one-label members",
